@@ -1,0 +1,37 @@
+"""Timing helpers shared by every benchmark: median of repeats after warm-up, and ratios
+against a baseline measured in the same run (never against numbers from another run)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+__all__ = ["format_ratio_table", "median_seconds"]
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def format_ratio_table(title: str, rows: list[tuple[str, float, float]], baseline: str) -> str:
+    """Render ``(name, seconds, target_ratio_or_nan)`` rows as ratios to the row named
+    ``baseline``; a target of ``nan`` means no target."""
+    base = next(seconds for name, seconds, _ in rows if name == baseline)
+    lines = [f"## {title}", f"{'case':<40} {'median ms':>10} {'ratio':>7} {'target':>7}"]
+    for name, seconds, target in rows:
+        ratio = seconds / base
+        target_text = "" if target != target else f"<={target:.2f}"
+        mark = "" if target != target else ("  ok" if ratio <= target else "  MISSED")
+        lines.append(f"{name:<40} {seconds * 1e3:>10.2f} {ratio:>7.2f} {target_text:>7}{mark}")
+    return "\n".join(lines)

@@ -5,7 +5,16 @@ names every BatchNorm layer fed by a stochastic layer; :func:`measure` runs real
 model and reports, per BatchNorm layer, the variance its input has with dropout on and off.
 """
 
-from varshift.diagnose.lint import Finding, LintReport, lint
+from varshift.diagnose.lint import Finding, LintReport, StochasticLayer, UnaffectedNorm, lint
 from varshift.diagnose.measure import LayerShift, ShiftReport, measure
 
-__all__ = ["Finding", "LayerShift", "LintReport", "ShiftReport", "lint", "measure"]
+__all__ = [
+    "Finding",
+    "LayerShift",
+    "LintReport",
+    "ShiftReport",
+    "StochasticLayer",
+    "UnaffectedNorm",
+    "lint",
+    "measure",
+]

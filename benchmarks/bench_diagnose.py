@@ -1,0 +1,152 @@
+"""Cost of :func:`varshift.diagnose.measure` and :func:`varshift.fix.recalibrate_bn` against the
+plain forwards they are built on, measured in the same run.
+
+- ``measure`` (no targets, ``recalibrate=False``) against one training-mode plus one eval-mode
+  forward over the same batches: target <= 1.5x (the hooks add one per-channel reduction of
+  each BatchNorm input per forward).
+- ``recalibrate_bn`` against :func:`torch.optim.swa_utils.update_bn` on the same model and
+  batches: target <= 1.05x (both are one training-mode forward per batch; ours reads the batch
+  statistics the BatchNorm computes anyway).
+
+Run: ``python benchmarks/bench_diagnose.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import format_ratio_table, median_seconds
+from varshift.diagnose import measure
+from varshift.fix import recalibrate_bn
+
+__all__ = ["main"]
+
+
+def _net(channels: int, p: float = 0.2) -> nn.Sequential:
+    """Four conv-BN blocks, dropout before the last three convolutions (so before their BN)."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for block in range(4):
+        if block:
+            layers.append(nn.Dropout(p))
+        layers += [
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        ]
+        if block < 3:
+            layers.append(nn.MaxPool2d(2))
+        in_channels = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
+    return nn.Sequential(*layers)
+
+
+def _interleaved(
+    cases: list[tuple[str, Callable[[], object]]], *, rounds: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per case, the cases timed in alternation round after round, so that a
+    change of load on a shared machine hits all of them alike."""
+    for _, fn in cases:
+        median_seconds(fn, repeats=1, warmup=warmup)
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(rounds):
+        for name, fn in cases:
+            samples[name].append(median_seconds(fn, repeats=1, warmup=0))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(quick: bool) -> str:
+    """Time both comparisons on one intra-op thread (steadier on a shared machine; the thread
+    count is restored afterwards); return the report text (two ratio tables)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> str:
+    torch.manual_seed(0)
+    if quick:
+        channels, size, n_batches, batch_size, repeats, warmup = 16, 16, 8, 32, 9, 2
+    else:
+        channels, size, n_batches, batch_size, repeats, warmup = 64, 32, 20, 64, 3, 1
+    model = _net(channels)
+    data = [torch.randn(batch_size, 3, size, size) for _ in range(n_batches)]
+    with torch.no_grad():
+        model.train()
+        for x in data:  # non-trivial running statistics, as after training
+            model(x)
+
+    baseline_model = copy.deepcopy(model)
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            baseline_model.train()
+            for x in data:
+                baseline_model(x)
+            baseline_model.eval()
+            for x in data:
+                baseline_model(x)
+
+    def run_measure() -> None:
+        measure(model, data, recalibrate=False, progress=False)
+
+    update_model = copy.deepcopy(model)
+    ours_model = copy.deepcopy(model)
+
+    def run_update_bn() -> None:
+        update_bn(data, update_model)
+
+    def run_recalibrate() -> None:
+        recalibrate_bn(ours_model, data, progress=False)
+
+    nan = math.nan
+    seconds = _interleaved(
+        [
+            ("forwards", two_forwards),
+            ("measure", run_measure),
+            ("update_bn", run_update_bn),
+            ("recalibrate", run_recalibrate),
+        ],
+        rounds=repeats,
+        warmup=warmup,
+    )
+    measure_rows = [
+        ("train + eval forward", seconds["forwards"], nan),
+        ("measure(recalibrate=False)", seconds["measure"], 1.5),
+    ]
+    recal_rows = [
+        ("swa_utils.update_bn", seconds["update_bn"], nan),
+        ("recalibrate_bn", seconds["recalibrate"], 1.05),
+    ]
+    setting = (
+        f"4 conv-BN blocks, {channels} channels, {size}x{size} inputs, "
+        f"{n_batches} batches of {batch_size}, {torch.get_num_threads()} thread(s)"
+    )
+    return "\n\n".join(
+        [
+            f"# bench_diagnose ({'quick' if quick else 'full'}): {setting}",
+            format_ratio_table("measure", measure_rows, "train + eval forward"),
+            format_ratio_table("recalibrate_bn", recal_rows, "swa_utils.update_bn"),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, few batches")
+    print(main(parser.parse_args().quick))

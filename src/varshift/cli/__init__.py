@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diagnose, measure and fix the Dropout/BatchNorm variance shift.",
     )
     parser.add_argument("--version", action="version", version=f"varshift {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_OneLineParser
+    )
     subparsers.required = True
     for module in (theory, diagnose, demo, lab):
         module.register(subparsers)

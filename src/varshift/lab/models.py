@@ -346,8 +346,9 @@ class _LabLayers:
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
              where: str, drop_stage: int | None = None) -> nn.Module:
-        noisy = drop_stage is not None and self.kind == "dropconnect"
-        rate = self.rates[drop_stage] if noisy and drop_stage is not None else 0.0
+        rate = 0.0
+        if drop_stage is not None and self.kind == "dropconnect":
+            rate = self.rates[drop_stage]
         layer, _ = self.builder.weight_layer("conv", self._shape(in_channels), out_channels,
                                              rate, where, kernel=kernel_size, padding="same",
                                              stride=stride, bias=self.bias)

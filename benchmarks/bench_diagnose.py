@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import format_ratio_table, median_seconds
+from timing import format_ratio_table, interleaved_medians
 from varshift.diagnose import measure
 from varshift.fix import recalibrate_bn
 
@@ -51,20 +49,6 @@ def _net(channels: int, p: float = 0.2) -> nn.Sequential:
         in_channels = channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
     return nn.Sequential(*layers)
-
-
-def _interleaved(
-    cases: list[tuple[str, Callable[[], object]]], *, rounds: int, warmup: int
-) -> dict[str, float]:
-    """Median seconds per case, the cases timed in alternation round after round, so that a
-    change of load on a shared machine hits all of them alike."""
-    for _, fn in cases:
-        median_seconds(fn, repeats=1, warmup=warmup)
-    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
-    for _ in range(rounds):
-        for name, fn in cases:
-            samples[name].append(median_seconds(fn, repeats=1, warmup=0))
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(quick: bool) -> str:
@@ -115,13 +99,13 @@ def _run(quick: bool) -> str:
         recalibrate_bn(ours_model, data, progress=False)
 
     nan = math.nan
-    seconds = _interleaved(
-        [
-            ("forwards", two_forwards),
-            ("measure", run_measure),
-            ("update_bn", run_update_bn),
-            ("recalibrate", run_recalibrate),
-        ],
+    seconds = interleaved_medians(
+        {
+            "forwards": two_forwards,
+            "measure": run_measure,
+            "update_bn": run_update_bn,
+            "recalibrate": run_recalibrate,
+        },
         rounds=repeats,
         warmup=warmup,
     )

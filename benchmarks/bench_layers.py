@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import format_ratio_table, median_seconds
+from timing import format_ratio_table, interleaved_medians
 from varshift.layers.noise import (
     ClassicDropout,
     GaussianDropout,
@@ -59,18 +58,6 @@ def _forward_backward(layer: Callable[[Tensor], Tensor], x: Tensor) -> Callable[
     return step
 
 
-def _interleaved(cases: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds per case over ``rounds`` rounds, every case timed once per round, so a
-    change of load on a shared machine hits all cases alike."""
-    for fn in cases.values():  # warm-up: allocator, lazy initialisation
-        median_seconds(fn, repeats=1, warmup=1)
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            samples[name].append(median_seconds(fn, repeats=1, warmup=0))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def _noise_layers(x: Tensor) -> dict[str, tuple[Callable[[Tensor], Tensor], float]]:
     """The layers timed on ``x``, each with its target ratio to nn.Dropout (nan: none)."""
     nan = math.nan
@@ -91,7 +78,8 @@ def _noise_layers(x: Tensor) -> dict[str, tuple[Callable[[Tensor], Tensor], floa
 def _noise_tables(shape: tuple[int, ...], rounds: int) -> list[str]:
     x = torch.randn(shape, requires_grad=True)
     layers = _noise_layers(x)
-    seconds = _interleaved({n: _forward_backward(f, x) for n, (f, _) in layers.items()}, rounds)
+    cases = {name: _forward_backward(fn, x) for name, (fn, _) in layers.items()}
+    seconds = interleaved_medians(cases, rounds=rounds)
     rows = [(name, seconds[name], target) for name, (_, target) in layers.items()]
     floor_rows = [(name, s, math.nan) for name, s, _ in rows]
     size = "x".join(map(str, shape))
@@ -121,7 +109,7 @@ def _drop_connect_table(quick: bool, rounds: int) -> str | None:
         "nn.Conv2d(3x3)": _forward_backward(conv, x_conv),
         "DropConnectConv2d(3x3, p=0.5)": _forward_backward(conv_cls.from_module(conv, 0.5), x_conv),
     }
-    seconds = _interleaved(cases, rounds)
+    seconds = interleaved_medians(cases, rounds=rounds)
     nan = math.nan
     linear_rows = [(name, seconds[name], nan) for name in ("nn.Linear", "DropConnectLinear(p=0.5)")]
     conv_rows = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-__all__ = ["format_ratio_table", "median_seconds"]
+__all__ = ["format_ratio_table", "interleaved_medians", "median_seconds"]
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
@@ -22,6 +22,21 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def interleaved_medians(
+    cases: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per case over ``rounds`` rounds, every case timed once per round in turn,
+    so that a change of load on a shared machine hits all cases alike (timing each case's
+    repeats back to back would let one case take all of a quiet or a busy spell)."""
+    for fn in cases.values():  # warm-up: allocator, lazy initialisation, caches
+        median_seconds(fn, repeats=1, warmup=warmup)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(median_seconds(fn, repeats=1, warmup=0))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def format_ratio_table(title: str, rows: list[tuple[str, float, float]], baseline: str) -> str:

@@ -159,3 +159,15 @@ def test_report_prints_the_written_paths(
     printed = capsys.readouterr().out.split()
     assert printed
     assert all(Path(p).exists() for p in printed)
+    # The options reach write_report: a target adds the epochs-to-target section, a loss metric
+    # is named in the tables, and an arm that does not exist is a one-line error.
+    again = tmp_path / "again"
+    assert main(["lab", "report", db, "--study", "clitest", "--out", str(again),
+                 "--metric", "test_loss", "--target", "0.0"]) == 0
+    markdown = (again / "report.md").read_text()
+    assert "test_loss" in markdown
+    assert "Epochs to reach a test metric of 0" in markdown
+    capsys.readouterr()
+    assert main(["lab", "report", db, "--study", "clitest", "--out", str(again),
+                 "--reference", "no-such-arm"]) == 2
+    assert "no-such-arm" in capsys.readouterr().err

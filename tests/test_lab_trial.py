@@ -76,6 +76,10 @@ def test_records_epochs_final_figures_and_layer_shift() -> None:
     assert [r.depth for r in result.layer_shift] == [0, 1]
     # Dropout right before each BN: with noise on, the BN input varies more than without.
     assert all(r.ratio < 1 for r in result.layer_shift)
+    # The theory's prediction is stored for every BN fed by dropout: Δ = v/(v + σ²(c² + v))
+    # with σ² = p/(1−p) lies in (0, 1 − p] (c² ≥ 0 only lowers it below the zero-mean value).
+    predicted = [r.predicted for r in result.layer_shift]
+    assert all(value is not None and 0 < value <= 0.7 + 1e-9 for value in predicted), predicted
     assert result.meta["train_samples"] == 100
     assert result.meta["test_samples"] == 50
     assert result.meta["train_s"] > 0
@@ -103,6 +107,8 @@ def test_regression() -> None:
     assert not result.higher_is_better
     assert result.final["test_metric"] == pytest.approx(result.final["test_loss"])
     assert [r.layer for r in result.layer_shift] == ["blocks.0.norm"]
+    # linear → bn → act → drop: no dropout feeds the only BN, so there is nothing to predict.
+    assert result.layer_shift[0].predicted is None
 
 
 def test_sparse_autoencoder_records_the_mean_activation() -> None:

@@ -99,6 +99,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add_db(report, required=True)
     report.add_argument("--study", required=True, help="study name in the database")
     report.add_argument("--out", required=True, help="folder for the report")
+    report.add_argument("--preset", default=None, help="only this preset's trials (default: all)")
+    report.add_argument(
+        "--metric", default="test_metric",
+        help="trial column to compare (default test_metric; e.g. test_loss, recal_test_metric)",
+    )
+    report.add_argument(
+        "--reference", default=None,
+        help="arm label to compare against (default: the study's reference arm)",
+    )
+    report.add_argument(
+        "--target", type=float, default=None,
+        help="also report the epochs each arm needs to reach this test metric",
+    )
     report.set_defaults(handler=_report)
 
 
@@ -232,7 +245,8 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from varshift.lab.report import write_report
 
-    written = write_report(args.db, args.study, args.out)
+    written = write_report(args.db, args.study, args.out, metric=args.metric,
+                           reference=args.reference, preset=args.preset, target=args.target)
     for name in ("markdown", "html"):
         path = getattr(written, name, None)
         if path is not None:

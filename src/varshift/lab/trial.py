@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from varshift.data import SplitDataset, load_dataset
-from varshift.diagnose import measure
+from varshift.diagnose import lint, measure
 from varshift.fix import recalibrate_bn
 from varshift.lab.config import ConfigError, TrialConfig, per_block, resolve_task
 from varshift.lab.models import SparseAutoencoder, build_model
@@ -240,14 +240,30 @@ def _batches(x: Tensor, limit: int | None) -> list[Tensor]:
 def _layer_shift(model: nn.Module, x_test: Tensor,
                  samples: int | None) -> tuple[LayerShiftRecord, ...]:
     """Per-BatchNorm variance shift of the trained model on test inputs (dropout on vs off)."""
-    report = measure(model, _batches(x_test, samples), recalibrate=False, progress=False)
+    batches = _batches(x_test, samples)
+    report = measure(model, batches, recalibrate=False, progress=False)
+    predicted = _predicted_shift(model, batches[0])
     return tuple(
         LayerShiftRecord(layer=layer.name, depth=layer.depth,
                          train_var=float(layer.train_var.mean()),
                          eval_var=float(layer.eval_var.mean()),
                          running_var=float(layer.running_var.mean()),
-                         ratio=layer.mean_ratio)
+                         ratio=layer.mean_ratio,
+                         predicted=predicted.get(layer.name))
         for layer in report.layers)
+
+
+def _predicted_shift(model: nn.Module, example: Tensor) -> dict[str, float]:
+    """The shift :func:`varshift.diagnose.lint` predicts at each BatchNorm fed by noise, from the
+    moments of the noise layer's input on ``example``. It is the *local* shift (the noise right
+    above that BatchNorm alone); the measured ratio also carries whatever upstream noise did.
+    A BatchNorm fed by several noise layers gets the strongest (smallest) prediction."""
+    predicted: dict[str, float] = {}
+    for finding in lint(model, example_inputs=example).findings:
+        if finding.predicted_shift is not None:
+            previous = predicted.get(finding.bn, finding.predicted_shift)
+            predicted[finding.bn] = min(previous, finding.predicted_shift)
+    return predicted
 
 
 def _recalibrated(trainer: _Trainer) -> dict[str, float]:

@@ -38,8 +38,16 @@ def _start(study: Path, db: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "varshift", "lab", "run", str(study), "--db", str(db)]
     return subprocess.Popen(
-        [*command, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*command, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # A shell without job control starts background jobs with SIGINT ignored, and children
+        # inherit that (CI may run us so); Python then never raises KeyboardInterrupt. Give the
+        # driver the default disposition, as a terminal's Ctrl-C would find it.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _results(db: Path) -> dict[str, pd.DataFrame]:

@@ -249,7 +249,8 @@ def test_compare_arms_excludes_and_counts_failed_trials() -> None:
     assert comparison.reference == "ref"  # the first arm
     assert comparison.higher_is_better
     assert comparison.row("ref").summary.n == 3
-    assert comparison.row("ref").excluded == 1
+    # The pending trial of "ref" is not a result yet: neither used nor counted as excluded.
+    assert comparison.row("ref").excluded == 0
     assert comparison.row("b").summary.n == 2
     assert comparison.row("b").excluded == 1
     assert comparison.missing == {"c": 3}

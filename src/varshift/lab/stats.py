@@ -459,8 +459,9 @@ def compare_arms(
     power: float = 0.8,
 ) -> Comparison:
     """:func:`compare_groups` on the ``trials`` frame of a study (``docs/architecture.md``):
-    done trials with a value of ``metric`` count; failed, pending and running trials and done
-    trials without the metric are excluded (counted per arm in ``excluded``). Arms keep their
+    done trials with a value of ``metric`` count; failed trials and done trials without the
+    metric are excluded (counted per arm in ``excluded``); pending and running trials are not
+    results yet and are neither used nor counted. Arms keep their
     order of first appearance; ``reference=None`` takes the first arm.
 
     ``higher_is_better`` defaults to the trials' own flag for metrics and False for losses.
@@ -477,8 +478,9 @@ def compare_arms(
     if higher_is_better is None:
         higher_is_better = _higher_is_better(usable, metric)
     groups = {arm: usable.loc[usable["arm"] == arm, metric].to_numpy(np.float64) for arm in arms}
-    counts = trials.groupby("arm", sort=False).size()
-    excluded = {arm: int(counts[arm]) - groups[arm].size for arm in arms}
+    finished = trials[trials["status"].isin(("done", "failed"))]
+    counts = finished.groupby("arm", sort=False).size()
+    excluded = {arm: int(counts.get(arm, 0)) - groups[arm].size for arm in arms}
     return compare_groups(groups, arms[0] if reference is None else reference,
                           higher_is_better=higher_is_better, metric=metric, excluded=excluded,
                           alpha=alpha, confidence=confidence, power=power)

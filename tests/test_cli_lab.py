@@ -52,7 +52,9 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
 
 def test_list_and_show(capsys: pytest.CaptureFixture[str], study: Path) -> None:
     assert main(["lab", "list"]) == 0
-    assert "example " in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "example: " in listing
+    assert "    presets: quick, full, full-avg, full-digits" in listing  # orderings
     assert main(["lab", "show", "example", "--preset", "quick"]) == 0
     out = capsys.readouterr().out
     assert "preset quick: 8 trials = 4 arms x 2 seeds" in out

@@ -145,9 +145,11 @@ def _one_line_config_errors() -> Iterator[None]:
 def _list(args: argparse.Namespace) -> int:
     from varshift.lab.study import builtin_studies, load_study
 
-    for name in builtin_studies():
-        study = load_study(name)
-        print(f"{name:<20} {', '.join(study.presets):<14} {study.description}")
+    studies = [load_study(name) for name in builtin_studies()]
+    # A study per block: the presets list can be long, so it gets its own line.
+    for study in studies:
+        print(f"{study.name}: {study.description}")
+        print(f"    presets: {', '.join(study.presets)}")
     return 0
 
 

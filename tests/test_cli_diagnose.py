@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli_theory import _fails_with_one_line  # pytest puts tests/ on sys.path
+from helpers.cli import fails_with_one_line
 from varshift.cli import main
 from varshift.cli.diagnose import command_line, recalibrated_path
 
@@ -210,7 +210,7 @@ def test_errors_are_one_line(
     argv.append("--no-progress")
     if command == "recalibrate":
         argv += ["--out", "fixed.pt"]
-    assert expected in _fails_with_one_line(argv, capsys)
+    assert expected in fails_with_one_line(argv, capsys)
     assert not (tmp_path / "fixed.pt").exists()
 
 

@@ -8,31 +8,10 @@ import pandas as pd
 import pytest
 
 import varshift.lab.trial
+from helpers.lab_studies import study_toml
 from varshift.cli import main
 from varshift.lab.results import TrialResult
 from varshift.lab.store import DriverLock
-
-
-def study_toml(name: str, *, seeds: int, train_size: int, epochs: int) -> str:
-    """A small study of two dropout rates on the digits (the kill test uses it too)."""
-    return f"""
-[study]
-name = "{name}"
-description = "two dropout rates on the digits"
-seeds = {seeds}
-
-[base]
-data.dataset = "digits"
-data.train_size = {train_size}
-data.test_size = 60
-model.widths = [8]
-model.padding = "same"
-model.head_hidden = [16]
-train.epochs = {epochs}
-
-[axes]
-"dropout.rate" = [0.1, 0.4]
-"""
 
 
 @pytest.fixture

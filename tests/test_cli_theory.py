@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.cli import fails_with_one_line
 from varshift.cli import main
 from varshift.theory import shift_parts, simulate_shift, variance_shift
 
@@ -19,20 +20,6 @@ def _value(output: str, label: str) -> float:
     """The first number on the line that starts with ``label``."""
     line = next(line for line in output.splitlines() if line.startswith(label))
     return float(line[len(label):].split()[0])
-
-
-def _fails_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run ``argv``, expect exit status 2 and return the single line written to stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        status = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    assert status == 2
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
 
 
 def test_theory_prints_the_shift_and_its_parts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +78,7 @@ def test_simulate_compares_formula_and_monte_carlo(capsys: pytest.CaptureFixture
 def test_bad_arguments_give_one_line_and_status_2(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    line = _fails_with_one_line(argv, capsys)
+    line = fails_with_one_line(argv, capsys)
     assert line.startswith("varshift")
     assert re.search(message, line), line
 
@@ -116,7 +103,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     argv = ["simulate", "--p", "0.3", "--samples", "100", "--plot", str(tmp_path / "x.png")]
-    line = _fails_with_one_line(argv, capsys)
+    line = fails_with_one_line(argv, capsys)
     assert "pip install 'varshift[plot]'" in line
     assert not (tmp_path / "x.png").exists()
 

@@ -190,7 +190,7 @@ def test_separates_staleness_from_the_dropout_shift() -> None:
     # staleness, all of the mismatch is the noise. Tolerance: a few standard errors of a
     # variance estimate from 4000 samples with dropout noise.
     noisy = _dropout_bn(0.5)[:4]
-    recalibrate_bn(noisy, data, dropout="on", progress=False)
+    recalibrate_bn(noisy, data, keep_noise=True, progress=False)
     layer = measure(noisy, data, progress=False).layers[0]
     assert layer.staleness == pytest.approx(1.0, abs=0.1)
     assert layer.noise_shift is not None

@@ -284,7 +284,6 @@ def test_progress_bar_on_stderr_when_the_data_has_a_length(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dropout": "maybe"}, "dropout must be 'off' or 'on', got 'maybe'"),
         ({"batches": 0}, "batches must be None or an integer >= 1, got 0"),
         ({"samples": -3}, "samples must be None or an integer >= 1, got -3"),
     ],
@@ -293,6 +292,13 @@ def test_invalid_arguments_are_refused(kwargs: dict[str, object], message: str) 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match=message):
         recalibrate_bn(model, [torch.randn(8, 3)], progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("keep_noise", ["on", 1, None])
+def test_keep_noise_must_be_a_bool(keep_noise: object) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(TypeError, match="keep_noise must be a bool"):
+        recalibrate_bn(model, [torch.randn(8, 3)], progress=False, keep_noise=keep_noise)  # type: ignore[arg-type]
 
 
 def test_clear_errors_for_no_batchnorm_and_empty_data() -> None:
@@ -304,7 +310,7 @@ def test_clear_errors_for_no_batchnorm_and_empty_data() -> None:
         recalibrate_bn(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), [], progress=False)
 
 
-# --- dropout="off" against "on" (what torch.optim.swa_utils.update_bn does) ---------------
+# --- keep_noise=False against "on" (what torch.optim.swa_utils.update_bn does) ---------------
 
 
 def _train_dropout_before_bn(x: Tensor, y: Tensor) -> nn.Sequential:
@@ -334,8 +340,8 @@ def test_dropout_off_beats_dropout_on_on_a_trained_dropout_before_bn_model() -> 
     x = centers[y] + torch.randn(1200, 10)
     model = _train_dropout_before_bn(x[:800], y[:800])
     data = list(x[:800].split(100))
-    off = recalibrate_bn(copy.deepcopy(model), data, dropout="off", progress=False)
-    on = recalibrate_bn(copy.deepcopy(model), data, dropout="on", progress=False)
+    off = recalibrate_bn(copy.deepcopy(model), data, keep_noise=False, progress=False)
+    on = recalibrate_bn(copy.deepcopy(model), data, keep_noise=True, progress=False)
     # The shift itself: with dropout on, the stored variance is inflated (Var_train > Var_test).
     assert float((on[4].running_var / off[4].running_var).mean()) > 1.2
     assert _accuracy(off, x[800:], y[800:]) >= _accuracy(on, x[800:], y[800:])
@@ -348,8 +354,8 @@ def test_dropout_on_stores_the_noisy_input_variance() -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(p), nn.BatchNorm1d(8))
     x = torch.randn(n, 6)
     data = list(x.split(500))
-    off = recalibrate_bn(copy.deepcopy(model), data, dropout="off", progress=False)
-    on = recalibrate_bn(copy.deepcopy(model), data, dropout="on", progress=False)
+    off = recalibrate_bn(copy.deepcopy(model), data, keep_noise=False, progress=False)
+    on = recalibrate_bn(copy.deepcopy(model), data, keep_noise=True, progress=False)
     q = 1 - p
     c, v = off[3].running_mean.double(), off[3].running_var.double()
     predicted = (c.square() + v) / q - c.square()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from test_cli_lab import study_toml
+from helpers.lab_studies import study_toml
 from varshift.lab.runner import run_study
 from varshift.lab.store import ResultStore
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_lab_backends import TinyStudy, assert_same_results, comparable, run_tiny
+from helpers.tiny_lab import TinyStudy, assert_same_results, comparable, run_tiny
 from varshift.lab.store import ResultStore
 
 ray = pytest.importorskip("ray")
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.ray
 
 
 def test_ray_backend_matches_the_local_backend(tmp_path: Path) -> None:
-    import test_lab_backends
+    from helpers import tiny_lab
 
     # Ray workers do not share the test's sys.path; send the trial function's code along.
-    ray.cloudpickle.register_pickle_by_value(test_lab_backends)
+    ray.cloudpickle.register_pickle_by_value(tiny_lab)
     arms = {"low": {"p": 0.1}, "high": {"p": 0.5}}
     local = run_tiny(TinyStudy(arms), tmp_path / "local.db")
     assert (local.done, local.failed) == (4, 0)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from test_lab_report import ARMS, REF, make_frames
+from helpers.report_frames import ARMS, REF, make_frames
 from varshift.lab.report import ReportContext, build_report
 
 BROWSER = next((path for name in ("chromium", "chromium-browser", "google-chrome")

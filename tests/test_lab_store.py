@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from test_lab_backends import TinySpec, TinyStudy, config_hash, tiny_trial
+from helpers.tiny_lab import TinySpec, TinyStudy, config_hash, tiny_trial
 from varshift.lab.results import EpochRecord, TrialResult
 from varshift.lab.store import (
     DriverLock,

@@ -261,8 +261,8 @@ def run_demo(
         report = lint(model, dataset.x_train[:LINT_SAMPLES])
         statistics = list(torch.split(dataset.x_train, STATISTICS_BATCH))
         shift = measure(model, statistics, progress=progress)
-        fixed = recalibrate_bn(copy.deepcopy(model), statistics, dropout="off", progress=progress)
-        noisy = recalibrate_bn(copy.deepcopy(model), statistics, dropout="on", progress=progress)
+        fixed = recalibrate_bn(copy.deepcopy(model), statistics, progress=progress)
+        noisy = recalibrate_bn(copy.deepcopy(model), statistics, keep_noise=True, progress=progress)
         result = DemoResult(
             dataset=dataset,
             epochs=epochs,

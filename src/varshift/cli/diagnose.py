@@ -509,8 +509,8 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     stored = {name: float(bn.running_var.mean()) for name, bn in _running(batch_norms(model))}
     before = _evaluate(model, source.test)
     recalibrate_bn(
-        model, source.fit, batches=args.batches, samples=args.samples, dropout=args.dropout,
-        exact=args.exact, progress=not args.no_progress,
+        model, source.fit, batches=args.batches, samples=args.samples,
+        keep_noise=args.dropout == "on", exact=args.exact, progress=not args.no_progress,
     )  # fmt: skip
     after = _evaluate(model, source.test)
     out = Path(args.out)

@@ -28,6 +28,7 @@ __all__ = [
     "ChannelMoments",
     "ModeControl",
     "batch_norms",
+    "check_model",
     "mode_control",
     "read_batch_statistics",
     "require_batch_norms",
@@ -36,6 +37,15 @@ __all__ = [
 ]
 
 BnMode = Literal["running", "batch", "update"]
+
+
+def check_model(model: object) -> nn.Module:
+    """``model`` itself when it is a ``torch.nn.Module``; ``TypeError`` otherwise. The one check
+    every public entry point (lint, measure, recalibrate_bn, convert_dropout) makes first, so a
+    wrong type is the same error everywhere."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
 
 
 def batch_norms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -54,10 +64,9 @@ def batch_norms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 
 
 def require_batch_norms(model: nn.Module, task: str) -> list[tuple[str, _BatchNorm]]:
-    """:func:`batch_norms`, refusing (``ValueError``) what ``task`` cannot work on: a model
-    that is not a module, has no such layer, or has a lazy one not yet initialised."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    """:func:`batch_norms`, refusing what ``task`` cannot work on: a model that is not a module
+    (``TypeError``), has no such layer, or has a lazy one not yet initialised (``ValueError``)."""
+    check_model(model)
     named = batch_norms(model)
     if not named:
         raise ValueError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ def recalibrate_bn(
     *,
     batches: int | None = None,
     samples: int | None = None,
-    dropout: Literal["off", "on"] = "off",
+    keep_noise: bool = False,
     exact: bool = False,
     input_fn: Callable[[Any], Any] | None = None,
     progress: bool = True,
@@ -48,9 +48,9 @@ def recalibrate_bn(
             tuples, dicts; a bare tensor is one batch). Inputs are moved to the model's device.
         batches, samples: stop after this many batches / samples (the last batch is cut to
             give exactly ``samples``); ``None`` reads all of ``data``.
-        dropout: ``"off"`` (default) puts every module except the BatchNorms in eval mode, so
-            noise layers and ``F.dropout(..., training=self.training)`` calls are off, as at
-            inference. ``"on"`` leaves them in training mode, which is what
+        keep_noise: ``False`` (default) puts every module except the BatchNorms in eval mode,
+            so noise layers and ``F.dropout(..., training=self.training)`` calls are off, as at
+            inference. ``True`` leaves them in training mode, which is what
             :func:`torch.optim.swa_utils.update_bn` does (it calls ``model.train()``): the
             statistics then describe the noisy training-time input and keep the variance shift.
         exact: ``False`` runs one pass with every BatchNorm normalising by batch statistics, so
@@ -81,10 +81,11 @@ def recalibrate_bn(
 
     Raises:
         ValueError: no BatchNorm with running statistics (or a lazy one not initialised yet),
-            empty ``data``, ``batches`` or ``samples`` below 1, an unknown ``dropout``.
+            empty ``data``, ``batches`` or ``samples`` below 1.
+        TypeError: ``keep_noise`` is not a bool.
     """
-    if dropout not in ("off", "on"):
-        raise ValueError(f"dropout must be 'off' or 'on', got {dropout!r}")
+    if not isinstance(keep_noise, bool):
+        raise TypeError(f"keep_noise must be a bool, got {keep_noise!r}")
     bns = [bn for _, bn in bn_stats.require_batch_norms(model, "recalibrate")]
     stream = BatchStream(
         data,
@@ -99,7 +100,7 @@ def recalibrate_bn(
     saved = [_Saved(bn) for bn in bns]
     try:
         with torch.no_grad(), bn_stats.mode_control(model, bns) as modes:
-            _Estimator(model, bns, stream, modes, noise=dropout == "on").run(exact=bool(exact))
+            _Estimator(model, bns, stream, modes, noise=keep_noise).run(exact=bool(exact))
     except BaseException:
         for entry in saved:
             entry.restore_statistics()

@@ -31,6 +31,9 @@ __all__ = ["DEFAULT_DB", "RunSummary", "StudyLike", "run_study"]
 DEFAULT_DB = "varshift-lab.db"
 
 
+# How many times a trial may be started before a dying driver's leftovers are marked failed.
+DEFAULT_MAX_ATTEMPTS = 3
+
 class StudyLike(Protocol):
     """What the driver needs of a study (:class:`varshift.lab.study.Study` satisfies it)."""
 
@@ -185,7 +188,7 @@ def run_study(
     ray_address: str | None = None,
     progress: bool = True,
     trial_fn: TrialFn | None = None,
-    max_attempts: int = 3,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     gpus_per_trial: float = 0.0,
 ) -> RunSummary:
     """Run every trial of ``study``'s ``preset`` that is not done yet, recording each in the

@@ -271,7 +271,7 @@ def _recalibrated(trainer: _Trainer) -> dict[str, float]:
     training inputs with dropout off."""
     model = copy.deepcopy(trainer.model)
     samples = trainer.config.measure.recal_samples
-    recalibrate_bn(model, _batches(trainer.data.x_train, samples), dropout="off",
+    recalibrate_bn(model, _batches(trainer.data.x_train, samples), keep_noise=False,
                    progress=False)
     return {f"recal_{key}": value for key, value in trainer.evaluate(model).items()}
 

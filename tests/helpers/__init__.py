@@ -1,0 +1,2 @@
+"""Helpers shared by the test modules (imported as ``helpers.*``): tests never import each
+other."""

@@ -7,6 +7,11 @@ plain forwards they are built on, measured in the same run.
 - ``recalibrate_bn`` against :func:`torch.optim.swa_utils.update_bn` on the same model and
   batches: target <= 1.05x (both are one training-mode forward per batch; ours reads the batch
   statistics the BatchNorm computes anyway).
+- ``lint`` with example inputs (the exact second-moment pass of
+  :mod:`varshift.diagnose.noise_moments`) against ``lint`` with the same inputs and the
+  single-path formula only (the pass switched off), on a DenseNet-121-like model (growth 32,
+  blocks 6/12/24/16, dropout 0.2 in every bottleneck: 58 noise sources; 2x3x64x64 inputs):
+  target <= 3x.
 
 Run: ``python benchmarks/bench_diagnose.py [--quick]``.
 """
@@ -15,18 +20,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import math
 import sys
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import format_ratio_table, interleaved_medians
-from varshift.diagnose import measure
+from varshift.diagnose import lint, measure
 from varshift.fix import recalibrate_bn
 
 __all__ = ["main"]
@@ -49,6 +56,72 @@ def _net(channels: int, p: float = 0.2) -> nn.Sequential:
         in_channels = channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
     return nn.Sequential(*layers)
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 bottleneck, dropout on the new features (torchvision's
+    ``_DenseLayer`` with ``drop_rate``), concatenated to its input."""
+
+    def __init__(self, channels: int, growth: int, p: float) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, 4 * growth, 1)
+        self.norm2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        return torch.cat([x, self.drop(self.conv2(F.relu(self.norm2(h))))], 1)
+
+
+def _densenet(
+    growth: int = 32, blocks: tuple[int, ...] = (6, 12, 24, 16), p: float = 0.2
+) -> nn.Sequential:
+    """A DenseNet-121-like network (torchvision is not a dependency)."""
+    channels = 2 * growth
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False)]
+    for index, count in enumerate(blocks):
+        for _ in range(count):
+            layers.append(_DenseLayer(channels, growth, p))
+            channels += growth
+        if index < len(blocks) - 1:
+            layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels // 2, 1),
+                       nn.AvgPool2d(2)]
+            channels //= 2
+    layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(channels, 10)]
+    return nn.Sequential(*layers)
+
+
+def _lint_cost(rounds: int, warmup: int) -> str:
+    """``lint(model, x)`` with and without the exact pass (a private switch in lint)."""
+    model, x = _densenet(), torch.randn(2, 3, 64, 64)
+    # The package exports the function ``lint`` under the module's name: import the module.
+    lint_module = importlib.import_module("varshift.diagnose.lint")
+    names = vars(lint_module)
+    exact_pass = names["_data_predictions"]
+
+    def formula_only() -> None:
+        names["_data_predictions"] = lambda *args: None
+        try:
+            lint(model, x)
+        finally:
+            names["_data_predictions"] = exact_pass
+
+    report = lint(model, x)
+    bases = sorted({f.basis for f in report.findings})
+    seconds = interleaved_medians(
+        {"formula": formula_only, "exact": lambda: lint(model, x)}, rounds=rounds, warmup=warmup
+    )
+    rows = [
+        ("lint, single-path formula", seconds["formula"], math.nan),
+        ("lint, exact pass", seconds["exact"], 3.0),
+    ]
+    title = (
+        f"lint on a DenseNet-121-like model, 2x3x64x64, {len(report.findings)} findings "
+        f"({'/'.join(bases)})"
+    )
+    return format_ratio_table(title, rows, "lint, single-path formula")
 
 
 def main(quick: bool) -> str:
@@ -126,6 +199,7 @@ def _run(quick: bool) -> str:
             f"# bench_diagnose ({'quick' if quick else 'full'}): {setting}",
             format_ratio_table("measure", measure_rows, "train + eval forward"),
             format_ratio_table("recalibrate_bn", recal_rows, "swa_utils.update_bn"),
+            _lint_cost(rounds=3 if quick else 5, warmup=1),
         ]
     )
 

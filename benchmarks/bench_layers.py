@@ -5,6 +5,9 @@ Targets (``nn.Dropout(p=0.5)`` = 1.0): ``GaussianDropout`` and ``Uout`` <= 0.8 (
 and one multiply; torch's CPU dropout draws a Bernoulli per element, which is slow),
 ``VarianceStableDropout`` <= 1.0. Each layer is also shown against a noise-free floor, ``x * 1.0``
 forward+backward on the same tensor (the cost of any layer that reads and writes it once).
+Backward runs twice: with a dense upstream gradient (``backward(grad)``) and with the expanded,
+stride-0 one of ``out.sum().backward()``, the usual shape of a scalar loss; each against
+``nn.Dropout`` given the same kind of gradient.
 ``DropBlock2d`` (4-D inputs) and the DropConnect layers are timed when present; DropConnect
 masks a weight, so it is compared with the plain ``nn.Linear``/``nn.Conv2d`` it replaces.
 
@@ -38,6 +41,7 @@ __all__ = ["main"]
 
 BASELINE = "nn.Dropout(p=0.5)"
 FLOOR = "floor: x * 1.0"
+EXPANDED = "sum-backward: "
 
 
 def _optional_layer(name: str) -> Any | None:
@@ -49,10 +53,22 @@ def _optional_layer(name: str) -> Any | None:
 
 
 def _forward_backward(layer: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
+    """One forward and a backward with a dense upstream gradient."""
     grad = torch.randn_like(x)
 
     def step() -> None:
         torch.autograd.backward(layer(x), grad)
+        x.grad = None
+
+    return step
+
+
+def _forward_sum_backward(layer: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
+    """One forward and ``out.sum().backward()``: the upstream gradient is an expanded
+    (stride-0) tensor of ones, as from any loss that sums or averages."""
+
+    def step() -> None:
+        layer(x).sum().backward()
         x.grad = None
 
     return step
@@ -79,14 +95,24 @@ def _noise_tables(shape: tuple[int, ...], rounds: int) -> list[str]:
     x = torch.randn(shape, requires_grad=True)
     layers = _noise_layers(x)
     cases = {name: _forward_backward(fn, x) for name, (fn, _) in layers.items()}
+    for name, (fn, _) in layers.items():
+        cases[f"{EXPANDED}{name}"] = _forward_sum_backward(fn, x)
     seconds = interleaved_medians(cases, rounds=rounds)
     rows = [(name, seconds[name], target) for name, (_, target) in layers.items()]
     floor_rows = [(name, s, math.nan) for name, s, _ in rows]
+    expanded_rows = [
+        (name, seconds[f"{EXPANDED}{name}"], target) for name, (_, target) in layers.items()
+    ]
     size = "x".join(map(str, shape))
     return [
         format_ratio_table(f"{size} float32, forward+backward vs nn.Dropout", rows, BASELINE),
         format_ratio_table(
             f"{size} float32, forward+backward vs noise-free floor", floor_rows, FLOOR
+        ),
+        format_ratio_table(
+            f"{size} float32, forward + out.sum().backward() (expanded gradient) vs nn.Dropout",
+            expanded_rows,
+            BASELINE,
         ),
     ]
 

@@ -4,6 +4,7 @@ beside other work) and a fixed global seed so failures reproduce."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -18,23 +19,24 @@ def _seed_everything() -> None:
 
 @pytest.fixture
 def noise_registry() -> Iterator[None]:
-    """Snapshot the global noise registries (theory's kinds, layers' modules, functions and
-    methods) and restore them afterwards, so a test that registers its own noise leaves no
-    trace for the tests after it."""
+    """Snapshot the global noise registries (theory's kinds; layers' modules, functions and
+    methods; lint's mask groupings) and restore them afterwards, so a test that registers its
+    own noise leaves no trace for the tests after it."""
+    from varshift.diagnose import lint_predictions
     from varshift.layers import registry
     from varshift.theory import noise
 
-    saved = (
-        dict(noise._KINDS),
-        dict(registry._MODULES),
-        dict(registry._FUNCTIONS),
-        set(registry._METHODS),
-    )
+    tables: list[Any] = [
+        noise._KINDS,
+        registry._MODULES,
+        registry._FUNCTIONS,
+        registry._METHODS,
+        lint_predictions._GROUPINGS,
+    ]
+    saved = [table.copy() for table in tables]
     try:
         yield
     finally:
-        for live, copy in zip((noise._KINDS, registry._MODULES, registry._FUNCTIONS), saved):
-            live.clear()
-            live.update(copy)  # type: ignore[attr-defined]
-        registry._METHODS.clear()
-        registry._METHODS.update(saved[3])
+        for table, copy in zip(tables, saved):
+            table.clear()
+            table.update(copy)

@@ -3,7 +3,6 @@ temporary folder: the printed report, --json, --plot, the fixed checkpoint, one-
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import runpy
@@ -14,68 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.cli import fails_with_one_line
+from helpers.cli import fails_with_one_line, write_zoo
 from varshift.cli import main
 from varshift.cli.diagnose import command_line, recalibrated_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Factories for builtin:digits (samples Tensor[1, 8, 8], 10 classes) and loader factories.
-ZOO = """
-from collections import OrderedDict
-
-import torch
-from torch import nn
-
-
-def _net(channels, *, dropout_before_bn):
-    layers = [
-        ("conv", nn.Conv2d(1, channels, 3, padding=1)), ("bn", nn.BatchNorm2d(channels)),
-        ("act", nn.ReLU()), ("flat", nn.Flatten()), ("head", nn.Linear(channels * 64, 10)),
-    ]
-    layers.insert(1 if dropout_before_bn else 4, ("drop", nn.Dropout(0.5)))
-    return nn.Sequential(OrderedDict(layers))
-
-
-def noisy():
-    return _net(6, dropout_before_bn=True)
-
-
-def clean():
-    return _net(6, dropout_before_bn=False)
-
-
-def wider():
-    return _net(8, dropout_before_bn=True)
-
-
-def nobn():
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-
-def for_mnist1d():
-    return nn.Sequential(nn.Flatten(), nn.Linear(40, 10), nn.BatchNorm1d(10))
-
-
-def empty():
-    return []
-
-
-def unlabelled():
-    return (torch.randn(16, 1, 8, 8) for _ in range(3))
-"""
-
-
 @pytest.fixture
 def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A module of factories in the current directory, under a name unique to the test (so no
-    earlier import is reused); ``sys.path`` is restored afterwards."""
-    name = f"zoo_{abs(hash(tmp_path)) % 10**9}"
-    (tmp_path / f"{name}.py").write_text(ZOO)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
-    importlib.invalidate_caches()
-    return name
+    return write_zoo(tmp_path, monkeypatch)
 
 
 def _make(zoo: str, factory: str) -> torch.nn.Module:
@@ -136,13 +82,18 @@ def test_diagnose_without_noise_suggests_only_re_estimating(
     assert "move the noise layer" not in out
 
 
-@pytest.mark.parametrize("dropout", ["off", "on"])
+@pytest.mark.parametrize(
+    ("flags", "dropout"),
+    # --dropout on|off: the flag's earlier spelling, still accepted.
+    [([], "off"), (["--keep-noise"], "on"), (["--dropout", "on"], "on"),
+     (["--dropout", "off"], "off")],
+)
 def test_recalibrate_writes_a_checkpoint_that_loads_back(
-    zoo: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], dropout: str
+    zoo: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], dropout: str
 ) -> None:
     original = torch.load(_checkpoint(zoo, "noisy", tmp_path / "noisy.pt"), weights_only=True)
     argv = ["recalibrate", "--model", f"{zoo}:noisy", "--checkpoint", "noisy.pt",
-            "--data", "builtin:digits", "--dropout", dropout, "--out", "fixed/noisy.pt",
+            "--data", "builtin:digits", *flags, "--out", "fixed/noisy.pt",
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -157,25 +108,48 @@ def test_recalibrate_writes_a_checkpoint_that_loads_back(
         assert torch.equal(fixed[name], original[name]), name
 
 
-def test_recalibrate_dropout_on_keeps_more_variance(zoo: str, tmp_path: Path) -> None:
+def test_recalibrate_keep_noise_keeps_more_variance(zoo: str, tmp_path: Path) -> None:
     variance = {}
-    for dropout in ("off", "on"):
-        out = tmp_path / f"{dropout}.pt"
+    for name, flags in (("off", []), ("on", ["--keep-noise"])):
+        out = tmp_path / f"{name}.pt"
         assert main(["recalibrate", "--model", f"{zoo}:noisy", "--data", "builtin:digits",
-                     "--dropout", dropout, "--samples", "500", "--exact", "--out", str(out),
+                     *flags, "--samples", "500", "--exact", "--out", str(out),
                      "--no-progress"]) == 0  # fmt: skip
-        variance[dropout] = torch.load(out, weights_only=True)["bn.running_var"]
+        variance[name] = torch.load(out, weights_only=True)["bn.running_var"]
     assert bool((variance["on"] > variance["off"]).all())
 
 
 def test_recalibrate_from_a_one_shot_loader_without_labels(
     zoo: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Three batches of 16: the generator is read up to the 40th sample (three batches) once.
     assert main(["recalibrate", "--model", f"{zoo}:noisy", "--data", f"{zoo}:unlabelled",
-                 "--out", "fixed.pt", "--no-progress"]) == 0  # fmt: skip
+                 "--samples", "40", "--out", "fixed.pt", "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
+    assert "using the first 40 samples" in out
     assert f"no targets in --data {zoo}:unlabelled: no eval metrics" in out
     assert "fixed.pt" in {path.name for path in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("data", "limit", "expected"),
+    [
+        ("builtin:digits", ["--samples", "1000000000"],
+         "using all 1437 samples (asked for 1000000000)"),
+        ("builtin:digits", ["--samples", "1000"], "using the first 1000 samples"),
+        ("builtin:digits", ["--batches", "500"], "using all 12 batches (asked for 500)"),
+        ("{zoo}:labelled", ["--samples", "1000"], "using all 48 samples (asked for 1000)"),
+        ("{zoo}:labelled", ["--batches", "2"], "using the first 2 batches"),
+        ("{zoo}:unlabelled", ["--batches", "9"], "using all 3 batches (asked for 9)"),
+    ],
+)
+def test_recalibrate_says_how_much_data_it_used(
+    zoo: str, capsys: pytest.CaptureFixture[str], data: str, limit: list[str], expected: str
+) -> None:
+    argv = ["recalibrate", "--model", f"{zoo}:noisy", "--data", data.format(zoo=zoo), *limit,
+            "--out", "fixed.pt", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert expected in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

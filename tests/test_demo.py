@@ -136,6 +136,19 @@ def test_refuses_bad_arguments() -> None:
         DemoNet((40,))
 
 
+def test_refuses_a_file_as_out_dir_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained although out_dir was refused")
+
+    monkeypatch.setattr("varshift.demo._train", never)
+    file = tmp_path / "afile"
+    file.write_text("not a folder\n")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        run_demo(out_dir=file, epochs=1, train_size=64, test_size=32, progress=False)
+
+
 def test_cli_quick_prints_report_files_and_next_commands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import varshift.layers.functional as VF
-from models_zoo import (
+from helpers.models_zoo import (
     ZOO,
     BNDropoutBN,
     DataDependentNet,
@@ -32,7 +35,7 @@ from models_zoo import (
     ZooCase,
 )
 from varshift.diagnose.lint import Finding, LintReport, lint
-from varshift.layers import NoiseSpec, Uout, register_stochastic
+from varshift.layers import NoiseSpec, Uout, register_stochastic, register_stochastic_function
 
 
 def images(batch: int = 16) -> Tensor:
@@ -216,6 +219,7 @@ def test_bn_without_running_stats_is_unaffected_but_instance_norm_with_them_is_n
 # -- user-registered noise --------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("noise_registry")
 def test_user_registered_stochastic_module() -> None:
     class MyJitter(Jitter):
         pass
@@ -414,3 +418,149 @@ def test_bad_arguments() -> None:
         lint(VGGTiny(), method="hooks")
     with pytest.raises(ValueError, match=r"method='fx' but torch\.fx could not trace"):
         lint(DataDependentNet(), vectors(), method="fx")
+
+
+# -- compiled and scripted models -------------------------------------------------------------
+
+
+def _findings(report: LintReport) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(f.bn, f.source, f.path) for f in report.findings]
+
+
+def test_torch_compiled_model_is_linted_through_the_module_it_wraps() -> None:
+    model = PreActResNetTiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's own, importing dynamo
+        compiled = torch.compile(model)  # compiles lazily, on a call: lint never calls it
+    assert isinstance(compiled, nn.Module)
+    assert compiled is not model
+    plain = lint(model)
+    for report in (lint(compiled), lint(compiled, images(), method="hooks")):
+        assert _findings(report) == _findings(plain)
+        assert any("torch.compile" in note for note in report.notes)
+
+
+def _scripted(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        return torch.jit.script(model)
+
+
+def _jit_traced(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.trace(model.eval(), torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("to_torchscript", [_scripted, _jit_traced], ids=["script", "trace"])
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_torchscript_model_is_refused_with_the_fix(
+    to_torchscript: Callable[[nn.Module], nn.Module], with_inputs: bool
+) -> None:
+    scripted = to_torchscript(nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(4)))
+    with pytest.raises(TypeError, match=r"TorchScript.*pass the original \(un-scripted\) module"):
+        lint(scripted, torch.randn(4, 4) if with_inputs else None)
+
+
+# -- what counts as "fx cannot trace" ----------------------------------------------------------
+
+
+class _Untraceable(nn.Module):
+    """Dropout before a BatchNorm, with a forward that fx cannot record in one of several ways."""
+
+    def __init__(self, obstacle: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.obstacle = obstacle
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.drop(self.obstacle(x)))
+
+
+_OBSTACLES: dict[str, Callable[[Tensor], Tensor]] = {
+    "branch on a value": lambda x: x if x.sum() > 0 else -x,
+    "len()": lambda x: x[: len(x)],
+    "range() of a size": lambda x: sum((x for _ in range(x.shape[0] // x.shape[0])), x * 0),
+    "float() of a value": lambda x: x * float(x.abs().mean() > -1),
+    "dict key": lambda x: {8: x}[x.shape[1]],
+}
+
+
+@pytest.mark.parametrize("obstacle", _OBSTACLES.values(), ids=list(_OBSTACLES))
+def test_each_kind_of_fx_failure_falls_back_to_hooks(obstacle: Callable[[Tensor], Tensor]) -> None:
+    report = lint(_Untraceable(obstacle), vectors())
+    assert report.method == "hooks"
+    assert report.flagged == ["bn"]
+    assert any("torch.fx could not trace" in note for note in report.notes)
+
+
+class _Typo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.dorp(x))
+
+
+def test_a_bug_in_forward_is_not_taken_for_an_fx_limitation() -> None:
+    # Not "fx could not trace, pass example_inputs": the model's own error, as a call raises it.
+    with pytest.raises(AttributeError, match="dorp"):
+        lint(_Typo())
+
+
+# -- user spec functions that cannot read a call ----------------------------------------------
+
+
+def scaled_noise(x: Tensor, rate: Any, training: bool = True) -> Tensor:
+    if not training:
+        return x
+    return x * (torch.rand_like(x) > rate) / (1 - rate)
+
+
+class _ScaledNoiseNet(nn.Module):
+    def __init__(self, rate_from_data: bool) -> None:
+        super().__init__()
+        self.rate_from_data = rate_from_data
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rate = torch.sigmoid(x.mean()) * 0.5 if self.rate_from_data else 0.25
+        return self.bn(scaled_noise(x, rate, self.training))
+
+
+def _rate_spec(args: tuple[Any, ...], kwargs: Any) -> NoiseSpec:
+    return NoiseSpec("bernoulli", {"p": float(args[1])})
+
+
+@pytest.mark.usefixtures("noise_registry")
+def test_spec_function_that_cannot_read_an_fx_node_gives_no_prediction() -> None:
+    register_stochastic_function(scaled_noise, _rate_spec)
+    (finding,) = lint(_ScaledNoiseNet(rate_from_data=True)).findings  # rate is an fx node
+    assert (finding.source, finding.noise, finding.predicted_shift) == (
+        "scaled_noise@<root>", None, None
+    )
+    (constant,) = lint(_ScaledNoiseNet(rate_from_data=False)).findings
+    assert (constant.noise, constant.rate) == ("bernoulli", 0.25)
+
+
+@pytest.mark.usefixtures("noise_registry")
+def test_spec_function_that_fails_on_real_values_is_reported() -> None:
+    register_stochastic_function(scaled_noise, lambda args, kwargs: kwargs["p"])
+    # Formerly swallowed: the noise silently read as "not modelled".
+    with pytest.raises(ValueError, match=r"spec function registered for scaled_noise.*KeyError"):
+        lint(_ScaledNoiseNet(rate_from_data=False), vectors(), method="hooks")
+
+
+# -- predictions from data that overflow ---------------------------------------------------------
+
+
+def test_prediction_leaves_out_channels_whose_variance_is_not_finite() -> None:
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(4)).double()
+    x = torch.randn(256, 4, dtype=torch.float64)
+    x[:, 0] *= 1e200  # its squares overflow float64: the measured variance is inf
+    (finding,) = lint(model, x).findings
+    assert finding.measured
+    assert finding.predicted_shift == pytest.approx(0.5, abs=0.02)

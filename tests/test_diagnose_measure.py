@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models_zoo import ZOO, RegistrationOrderNet
+from helpers.models_zoo import ZOO, RegistrationOrderNet
 from varshift.diagnose import LayerShift, ShiftReport, measure
 from varshift.fix import recalibrate_bn
 
@@ -242,6 +242,7 @@ def test_data_formats_dicts_generators_and_a_bare_tensor() -> None:
     dicts = measure(
         model,
         ({"pixels": a, "cls": b} for a, b in zip(x.split(16), y.split(16))),  # one-shot
+        batches=4,  # a one-shot iterator is kept for the "after" pass: it needs a bound
         input_fn=lambda item: item["pixels"],
         target_fn=lambda item: item["cls"],
         progress=False,

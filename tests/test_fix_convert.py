@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from models_zoo import FunctionalDropoutNet
+from helpers.models_zoo import FunctionalDropoutNet
 from varshift.fix import convert_dropout
 from varshift.fix.convert import DEFAULT_BETA
 from varshift.layers import ClassicDropout, GaussianDropout, Uout, VarianceStableDropout
@@ -163,3 +164,45 @@ def test_dropout_with_p_one_has_no_noise_variance_to_carry_over() -> None:
     with pytest.raises(ValueError, match=r"cannot convert 1 \(Dropout\).*p=1.0"):
         convert_dropout(model, "gaussian")
     assert isinstance(convert_dropout(model, "identity")[1], nn.Identity)
+
+
+# --- what the model is ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [None, "net.pt", [nn.Dropout(0.5)]])
+def test_a_non_module_is_a_type_error(model: object) -> None:
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got"):
+        convert_dropout(model, "uout")  # type: ignore[type-var]
+
+
+def _scripted(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        return torch.jit.script(model)
+
+
+def _traced(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.trace(model.eval(), torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("to_torchscript", [_scripted, _traced], ids=["script", "trace"])
+@pytest.mark.parametrize("where", ["before_bn", "all"])
+def test_a_torchscript_model_is_refused_with_the_fix(
+    to_torchscript: Callable[[nn.Module], nn.Module], where: str
+) -> None:
+    with pytest.raises(TypeError, match=r"TorchScript .* pass the original \(un-scripted\) module"):
+        convert_dropout(to_torchscript(_net()), "uout", where=where)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["before_bn", "all"])
+def test_a_compiled_model_gives_a_converted_copy_of_the_module_it_wraps(where: str) -> None:
+    model = _net()
+    compiled = torch.compile(model, backend="eager")
+    converted = convert_dropout(compiled, "identity", where=where)  # type: ignore[arg-type]
+    expected = convert_dropout(model, "identity", where=where)  # type: ignore[arg-type]
+    assert type(converted) is nn.Sequential  # the plain module, not compiled
+    assert _types(converted) == _types(expected)
+    assert isinstance(compiled._orig_mod[1], nn.Dropout)  # the original is left alone
+    assert converted[0].weight is not model[0].weight

@@ -191,7 +191,7 @@ def test_exact_reads_a_one_shot_iterator_once() -> None:
     x = torch.randn(90, 6)
     from_list = recalibrate_bn(copy.deepcopy(model), list(x.split(30)), exact=True, progress=False)
     from_generator = recalibrate_bn(
-        copy.deepcopy(model), (b for b in x.split(30)), exact=True, progress=False
+        copy.deepcopy(model), (b for b in x.split(30)), samples=90, exact=True, progress=False
     )
     for a, b in zip(_stats(from_list), _stats(from_generator)):
         torch.testing.assert_close(a, b)

@@ -78,6 +78,20 @@ def test_process_backend_replaces_a_dead_worker_directly() -> None:
     assert first.worker.pid != second.worker.pid
 
 
+def test_backends_report_when_a_trial_really_starts() -> None:
+    started: list[int] = []
+    with ProcessBackend(tiny_trial, workers=1, threads=1, on_start=started.append) as backend:
+        backend.submit(TrialTask(1, {"crash": True}, 0))  # dies inside the trial: it started
+        assert backend.next_outcome().result.status == "failed"
+        backend.submit(TrialTask(2, {"epochs": 1}, 0))
+        assert backend.next_outcome().trial_id == 2
+    local = LocalBackend(tiny_trial, on_start=started.append)
+    local.submit(TrialTask(3, {"epochs": 1}, 0))
+    assert started == [1, 2]  # the local backend starts a trial only when asked for it
+    local.next_outcome()
+    assert started == [1, 2, 3]
+
+
 def test_resume_skips_done_trials_and_retry_failed_reruns_failed_ones(tmp_path: Path) -> None:
     db = tmp_path / "r.db"
     study = two_arm_study(bad={"raise": True})
@@ -131,12 +145,13 @@ def test_trials_left_running_by_a_dead_driver_are_rerun(tmp_path: Path) -> None:
         store.register("tiny", "quick", study.spec_hash("quick"), {}, study.expand("quick"))
         ids = [t.id for t in store.trials("tiny")]
         assert store.claim(ids[0])
-        assert store.claim(ids[1])
+        store.mark_started(ids[0])  # the dead driver's worker had begun this one...
+        assert store.claim(ids[1])  # ...and not yet this one: it was never tried
     summary = run_tiny(study, db)
     assert (summary.recovered, summary.done, summary.complete) == (2, 4, True)
     with ResultStore(db, create=False) as store:
         attempts = {t.id: t.attempts for t in store.trials("tiny")}
-    assert attempts == {ids[0]: 2, ids[1]: 2, ids[2]: 1, ids[3]: 1}
+    assert attempts == {ids[0]: 2, ids[1]: 1, ids[2]: 1, ids[3]: 1}
 
 
 def test_local_backend_runs_in_this_process() -> None:
@@ -156,6 +171,8 @@ def test_backend_arguments_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         make_backend("process", workers=0)
     with pytest.raises(ValueError, match="one trial at a time; got workers=2"):
         make_backend("local", workers=2, trial_fn=tiny_trial)
+    with pytest.raises(ValueError, match="gpus_per_trial needs the ray backend"):
+        make_backend("process", gpus_per_trial=1.0)
     with pytest.raises(TypeError, match="needs a module-level trial function"):
         make_backend("process", trial_fn=lambda config, seed, **_: tiny_trial(config, seed))
     monkeypatch.setitem(__import__("sys").modules, "ray", None)

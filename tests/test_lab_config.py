@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from varshift.lab.config import (
+    AutoencoderConfig,
     ConfigError,
+    DataConfig,
+    DropoutConfig,
+    MeasureConfig,
+    ModelConfig,
+    TrainConfig,
     TrialConfig,
     flatten_keys,
     resolve_task,
@@ -64,6 +70,7 @@ def test_error_message_lists_every_problem() -> None:
         TrialConfig.from_dict({"data": {"dataset": "nope"}, "train": {"epochs": 0}})
     text = str(info.value)
     assert "2 problems" in text
+    assert "\n" not in text  # one line: a trial's error and the CLI print only the first
     assert "data.dataset: unknown dataset 'nope'" in text
     assert "train.epochs: expected an integer >= 1, got 0" in text
     assert isinstance(info.value, ValueError)
@@ -176,3 +183,49 @@ def test_docs_describe_every_key() -> None:
     missing = [key for key in flatten_keys(TrialConfig.from_dict(BASE).to_dict())
                if f"`{key.split('.', 1)[1]}`" not in text]
     assert not missing, f"docs/lab-studies.md does not describe {missing}"
+
+
+@pytest.mark.parametrize(("build", "fragment"), [
+    (lambda: DataConfig(dataset="nope"), "data.dataset: unknown dataset 'nope'"),
+    (lambda: DataConfig(dataset="digits", seed=2**63), "data.seed: expected an integer >= 0"),
+    (lambda: ModelConfig(widths=()), "model.widths: expected a non-empty list"),
+    (lambda: ModelConfig(norm_momentum=0.0), "model.norm_momentum: expected a number in (0, 1]"),
+    (lambda: DropoutConfig(kind="sideways"), "dropout.kind: expected one of"),
+    (lambda: TrainConfig(epochs=0), "train.epochs: expected an integer >= 1, got 0"),
+    (lambda: AutoencoderConfig(sparsity=1.0), "autoencoder.sparsity: expected a number in"),
+    (lambda: MeasureConfig(recalibrate=1), "measure.recalibrate: expected true or false"),
+])
+def test_every_section_validates_itself_when_constructed(build: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()  # type: ignore[operator]
+    assert any(problem.startswith(fragment) for problem in info.value.problems), info.value
+
+
+def test_the_dataset_is_required_and_every_default_is_valid() -> None:
+    with pytest.raises(TypeError, match="dataset"):
+        DataConfig()  # type: ignore[call-arg]
+    for section in (ModelConfig, DropoutConfig, TrainConfig, AutoencoderConfig, MeasureConfig):
+        section()  # the defaults pass their own checks
+    with pytest.raises(TypeError, match="data"):
+        TrialConfig()  # type: ignore[call-arg]
+
+
+def test_constructed_sections_are_canonical_like_from_dict() -> None:
+    data = DataConfig(dataset="Builtin:Digits", train_size="all")  # type: ignore[arg-type]
+    assert (data.dataset, data.train_size) == ("digits", None)
+    built = TrialConfig(data, ModelConfig(widths=[8], norm_gamma=1),  # type: ignore[arg-type]
+                        DropoutConfig(kind="spatial"))
+    assert (built.model.widths, built.model.norm_gamma) == ((8,), 1.0)
+    assert built.dropout.kind == "dropout2d"
+    same = TrialConfig.from_dict({"data.dataset": "digits", "model.widths": [8],
+                                  "dropout.kind": "dropout2d"})
+    assert built.config_hash() == same.config_hash()
+
+
+def test_constructed_config_checks_the_rules_across_sections() -> None:
+    with pytest.raises(ConfigError, match=r"dropout\.rate: 3 values for 2 blocks"):
+        TrialConfig(DataConfig("digits"), dropout=DropoutConfig(rate=(0.1, 0.2, 0.3)))
+    with pytest.raises(TypeError, match=r"TrialConfig\.model must be a ModelConfig, got dict"):
+        TrialConfig(DataConfig("digits"), model={"widths": [8]})  # type: ignore[arg-type]
+    wide = TrialConfig(DataConfig("cifar10"), ModelConfig(architecture="wide_resnet"))
+    assert (wide.model.depth, wide.model.width_factor) == (28, 10)  # the architecture's own

@@ -1,5 +1,6 @@
-"""The kill loop of LAB.md: SIGKILL ``varshift lab run`` mid-study, restart it, and nothing is
-lost, nothing runs twice, and the numbers equal those of an uninterrupted run."""
+"""The kill loop of the maintainers' design notes (``shared/LAB.md`` beside the repository):
+SIGKILL ``varshift lab run`` mid-study, restart it, and nothing is lost, nothing runs twice, and
+the numbers equal those of an uninterrupted run."""
 
 from __future__ import annotations
 

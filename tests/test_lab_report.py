@@ -315,3 +315,26 @@ def test_a_loss_report_keeps_the_curves_direction(tmp_path: Path) -> None:
     assert f"| {BEFORE} | 0/4 | never |" in markdown
     # Best first by loss: BEFORE's loss is highest, so it is ranked last.
     assert md_row(markdown, BEFORE).startswith("| 3 |")
+
+
+@pytest.mark.parametrize("target", [math.nan, math.inf, -math.inf])
+def test_a_target_that_is_not_finite_writes_nothing(tmp_path: Path, target: float) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^target must be a finite number, got"):
+        build_report(make_frames(), "x", out, target=target)
+    with pytest.raises(ValueError, match=r"^target must be a finite number, got"):
+        write_report(tmp_path / "missing.db", "x", out, target=target)  # refused before reading
+    assert not out.exists()
+
+
+def test_done_trials_per_arm_name_the_arms_without_any(tmp_path: Path) -> None:
+    frames = make_frames({**ARMS, "queued": [0.5] * 5, "waiting": [0.5] * 5}, curves=False,
+                         shifts=False)
+    trials = frames["trials"]
+    trials.loc[trials["arm"].isin(["queued", "waiting"]), "status"] = "pending"
+    paths = build_report({**frames, "trials": trials}, "partial", tmp_path)
+    markdown = paths.markdown.read_text()
+    # REF and UOUT have 5 done trials, BEFORE 4 (one failed); the two pending arms have none.
+    assert ("arms: 5; done trials per arm: 4–5 (2 arms have none: `queued`, `waiting`)"
+            in markdown)
+    assert "| — | queued | 0 | n/a |" in markdown

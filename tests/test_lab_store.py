@@ -156,9 +156,11 @@ def test_recovery_requeues_running_trials_up_to_a_bound(tmp_path: Path) -> None:
         [trial] = store.trials("s")
         for attempt in (1, 2):
             assert store.claim(trial.id)
+            store.mark_started(trial.id)
             assert store.recover(max_attempts=3) == (1, 0)
             assert store.trials("s")[0].attempts == attempt
         assert store.claim(trial.id)
+        store.mark_started(trial.id)
         assert store.recover(max_attempts=3) == (0, 1)
         frame = store.frames("s")["trials"]
         assert frame.status.tolist() == ["failed"]

@@ -45,6 +45,8 @@ def test_presets_and_trial_counts(name: str) -> None:
     counts = {preset: len(study.expand(preset)) for preset in study.presets}
     assert counts == EXPECTED_TRIALS[name]
     assert study.presets[0] == "quick"
+    # `lab status/export/report NAME` take a built-in name as the stored name without reading it.
+    assert study.name == name
     for preset in study.presets:
         assert study.reference_arm(preset) in study.arms(preset)
         if preset.startswith("full") and name != "example":

@@ -9,7 +9,13 @@ import pytest
 
 from varshift.data import load_dataset
 from varshift.lab.config import ConfigError
-from varshift.lab.study import _KNOWN_DATA, builtin_studies, load_study, study_from_dict
+from varshift.lab.study import (
+    _KNOWN_DATA,
+    MAX_TRIALS_PER_PRESET,
+    builtin_studies,
+    load_study,
+    study_from_dict,
+)
 
 GOOD = """
 [study]
@@ -115,7 +121,8 @@ def test_every_problem_is_reported_with_its_place_in_the_file(tmp_path: Path) ->
         """)
     expected = [
         "study.metrik: unknown key (did you mean 'metric'?)",
-        "study.seeds: expected a count >= 1 or a list of distinct integers >= 0, got 0",
+        "study.seeds: expected a count in [1, 10000] or a list of distinct integers in "
+        "[0, 2**63 - 1], got the count 0",
         "axes.model.order[1]: 'conv-bn-act' repeats an earlier value",
         "axes.arch[1].name: each table needs a name",
         "study.reference.order: 'nope' is not a value of the axis",
@@ -215,3 +222,47 @@ def test_example_study() -> None:
 def test_known_shapes_match_the_loaders(name: str) -> None:
     data = load_dataset(name)
     assert _KNOWN_DATA[name] == (data.input_shape, data.num_outputs, data.task)
+
+
+@pytest.mark.parametrize(("seeds", "fragment"), [
+    ("[18446744073709551616]", "got 18446744073709551616"),  # 2**64: SQLite cannot store it
+    ("[-1]", "got -1"),
+    ("[1.5]", "got 1.5"),
+    ("[3, 3]", "a repeated seed"),
+    ("10000000", "got the count 10000000"),
+    ("0", "got the count 0"),
+])
+def test_seeds_must_be_storable_integers(tmp_path: Path, seeds: str, fragment: str) -> None:
+    text = GOOD.replace("seeds = [7]", f"seeds = {seeds}")
+    problems = study_problems(tmp_path, text)
+    assert any(p.startswith("presets.quick.seeds: expected a count in [1, 10000]")
+               and fragment in p for p in problems), problems
+
+
+def test_the_largest_seed_is_accepted(tmp_path: Path) -> None:
+    study = load_study(write(tmp_path, GOOD.replace("seeds = [7]", f"seeds = [{2**63 - 1}]")))
+    assert study.seeds("quick") == [2**63 - 1]
+
+
+def test_a_preset_beyond_the_trial_limit_is_refused_before_expansion(tmp_path: Path) -> None:
+    # 8 arms x 1250 seeds = 10000 is the limit; 1251 seeds is one preset too many. Were the grid
+    # expanded first, this would validate 10008 cells before refusing.
+    at_limit = GOOD.replace("seeds = [7]", "seeds = 1250")
+    assert len(load_study(write(tmp_path, at_limit)).expand("quick")) == MAX_TRIALS_PER_PRESET
+    problems = study_problems(tmp_path, GOOD.replace("seeds = [7]", "seeds = 1251"))
+    assert problems == ["presets.quick: 8 arms x 1251 seeds = 10008 trials; a preset may have "
+                        "at most 10000 trials"]
+
+
+def test_shared_config_is_what_no_axis_changes(tmp_path: Path) -> None:
+    study = load_study(write(tmp_path, GOOD))
+    shared = study.shared_config("quick")
+    assert shared["data"]["dataset"] == "digits"
+    assert shared["train"]["epochs"] == 1
+    assert shared["model"]["widths"] == [4]
+    assert shared["model"]["norm"] == "batch"  # a default, resolved
+    for varied in ("order", "pool"):
+        assert varied not in shared["model"]
+    assert "kind" not in shared["dropout"]
+    assert "rate" not in shared["dropout"]
+    assert study.shared_config("full")["train"]["epochs"] == 4

@@ -159,19 +159,55 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(fixed_mask, (x,))
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), True, "0.1"])
-def test_bad_p_is_refused_even_in_eval(p: object) -> None:
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_bad_p_is_refused_even_in_eval(p: float) -> None:
     x = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match=r"p must be a float in \[0, 1\), got"):
-        drop_block_2d(x, p, 3, training=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"p must be finite and in \[0, 1\) .*, got"):
+        drop_block_2d(x, p, 3, training=False)
     with pytest.raises(ValueError, match="p must be"):
-        DropBlock2d(p, 3)  # type: ignore[arg-type]
+        DropBlock2d(p, 3)
 
 
-@pytest.mark.parametrize("block_size", [0, -3, 2.0, True])
-def test_bad_block_size_is_refused(block_size: object) -> None:
-    with pytest.raises(ValueError, match=rf"block_size must be an int >= 1, got {block_size!r}"):
+@pytest.mark.parametrize("p", [True, "0.1", torch.tensor(0.1)])
+def test_p_of_the_wrong_type_is_refused(p: object) -> None:
+    with pytest.raises(TypeError, match=r"p must be a real number, got"):
+        drop_block_2d(torch.randn(1, 1, 4, 4), p, 3, training=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "error", "message"),
+    [
+        (0, ValueError, r"block_size must be an integer in \[1, inf\], got 0"),
+        (-3, ValueError, r"block_size must be an integer in \[1, inf\], got -3"),
+        (2.0, TypeError, r"block_size must be an integer, got 2.0"),
+        (True, TypeError, r"block_size must be an integer, got True"),
+    ],
+)
+def test_bad_block_size_is_refused(
+    block_size: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
         drop_block_2d(torch.ones(1, 1, 4, 4), 0.1, block_size)  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        DropBlock2d(0.1, block_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (2, 0, 5, 5), (2, 3, 0, 5)])
+def test_an_empty_input_gives_an_empty_output(shape: tuple[int, ...]) -> None:
+    # Zero channels used to fail inside max_pool2d.
+    x = torch.empty(shape)
+    out = DropBlock2d(0.3, 3).train()(x)
+    assert out.shape == x.shape
+    assert out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_non_floating_input_is_refused_in_both_modes(dtype: torch.dtype) -> None:
+    # int64 input used to come back as float32.
+    x = torch.ones(1, 1, 4, 4, dtype=dtype)
+    for training in (True, False):
+        with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype"):
+            drop_block_2d(x, 0.3, 3, training=training)
 
 
 def test_non_4d_input_is_refused_with_its_shape() -> None:
@@ -203,10 +239,9 @@ def test_schedule_ramps_linearly_and_clamps() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"step": -1}, "step must be an int >= 0, got -1"),
-        ({"step": 1.5}, "step must be"),
-        ({"total_steps": 0}, "total_steps must be an int >= 1, got 0"),
-        ({"end_p": 1.0}, r"end_p must be a float in \[0, 1\), got 1.0"),
+        ({"step": -1}, r"step must be an integer in \[0, inf\], got -1"),
+        ({"total_steps": 0}, r"total_steps must be an integer in \[1, inf\], got 0"),
+        ({"end_p": 1.0}, r"end_p must be finite and in \[0, 1\) .*, got 1.0"),
         ({"start_p": -0.2}, "start_p must be"),
     ],
 )
@@ -214,6 +249,16 @@ def test_schedule_validation(kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {"step": 0, "start_p": 0.0, "end_p": 0.2, "total_steps": 5}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
+        drop_block_schedule(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"step": 1.5}, {"step": True}, {"total_steps": 5.0}, {"end_p": False}]
+)
+def test_schedule_arguments_of_the_wrong_type_raise_type_error(kwargs: dict[str, object]) -> None:
+    args: dict[str, object] = {"step": 0, "start_p": 0.0, "end_p": 0.2, "total_steps": 5}
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=rf"{next(iter(kwargs))} must be"):
         drop_block_schedule(**args)  # type: ignore[arg-type]
 
 
@@ -262,7 +307,7 @@ def test_scheduler_takes_a_list_and_validates() -> None:
     assert [b.p for b in blocks] == [0.02, 0.02]
     with pytest.raises(TypeError, match="only DropBlock2d, got Conv2d"):
         DropBlockScheduler([nn.Conv2d(1, 1, 1)], end_p=0.1, total_steps=3)  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="no DropBlock2d"):
+    with pytest.raises(ValueError, match="at least one DropBlock2d to schedule, got none"):
         DropBlockScheduler(nn.Linear(2, 2), end_p=0.1, total_steps=3)
     with pytest.raises(ValueError, match="total_steps must be"):
         DropBlockScheduler(blocks, end_p=0.1, total_steps=0)
@@ -272,7 +317,7 @@ def test_scheduler_rejects_a_bad_state_and_stays_intact() -> None:
     scheduler = DropBlockScheduler(_model(), end_p=0.2, total_steps=4)
     scheduler.step()
     before = scheduler.state_dict()
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ValueError, match=r"state_dict must hold .*missing keys \['end_p'"):
         scheduler.load_state_dict({"last_step": 2})
     with pytest.raises(ValueError, match="end_p must be"):
         scheduler.load_state_dict({**before, "end_p": 2.0})

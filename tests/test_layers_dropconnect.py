@@ -245,11 +245,20 @@ def test_convert_a_bare_layer_and_skip_multihead_attention() -> None:
 
 def test_validation() -> None:
     x, weight, bias = _linear_setup()
-    for p in (-0.1, 1.0, float("nan"), True):
-        with pytest.raises(ValueError, match=r"p must be a float in \[0, 1\), got"):
+    for p in (-0.1, 1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"p must be finite and in \[0, 1\) .*, got"):
             drop_connect_linear(x, weight, bias, p, training=False)
         with pytest.raises(ValueError, match="p must be"):
             DropConnectConv2d(1, 1, 1, p=p)
+    for wrong in (True, "0.5", torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=r"p must be a real number, got"):
+            drop_connect_linear(x, weight, bias, wrong, training=False)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"p must be a real number, got"):
+            DropConnectLinear(2, 2, p=wrong)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"per_sample must be a bool, got 1"):
+        DropConnectLinear(2, 2, per_sample=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be a floating-point tensor, got dtype torch.int64"):
+        drop_connect_linear(x.long(), weight, bias, 0.5)
     with pytest.raises(ValueError, match=r"got 1.0"):
         DropConnectLinear(2, 2, p=1.0)
     with pytest.raises(ValueError, match=r"per_sample=True needs .* got shape \(6,\)"):

@@ -261,15 +261,18 @@ def test_classic_dropout_has_inverted_dropouts_mean_and_variance_shift(p: float)
 # checked before the eval/zero-strength early return.
 
 INVALID = [
-    (gaussian_dropout, GaussianDropout, "p", 1.0, r"p must be in \[0, 1\) \(p = 1 means infinite"),
-    (gaussian_dropout, GaussianDropout, "p", -0.1, r"p must be in \[0, 1\).*got -0\.1"),
-    (gaussian_dropout, GaussianDropout, "p", math.nan, r"p must be in \[0, 1\).*got nan"),
-    (uout, Uout, "beta", 1.5, r"beta must be in \[0, 1\], got 1\.5"),
-    (uout, Uout, "beta", -0.5, r"beta must be in \[0, 1\], got -0\.5"),
-    (classic_dropout, ClassicDropout, "p", 1.2, r"p must be in \[0, 1\], got 1\.2"),
-    (variance_stable_dropout, VarianceStableDropout, "p", 1.0, r"p must be in \[0, 1\) \(p = 1"),
-    (variance_stable_dropout, VarianceStableDropout, "eps", 0.0, r"eps must be > 0 .*got 0\.0"),
-    (variance_stable_dropout, VarianceStableDropout, "eps", math.nan, r"eps must be > 0.*got nan"),
+    (gaussian_dropout, GaussianDropout, "p", 1.0, r"p must be finite and in \[0, 1\) \(the drop"),
+    (gaussian_dropout, GaussianDropout, "p", -0.1, r"p must be finite and in \[0, 1\).*got -0\.1"),
+    (gaussian_dropout, GaussianDropout, "p", math.nan, r"p must be .* \[0, 1\).*, got nan"),
+    (uout, Uout, "beta", 1.5, r"beta must be finite and in \[0, 1\] .*, got 1\.5"),
+    (uout, Uout, "beta", -0.5, r"beta must be finite and in \[0, 1\] .*, got -0\.5"),
+    (uout, Uout, "beta", math.inf, r"beta must be finite and in \[0, 1\] .*, got inf"),
+    (classic_dropout, ClassicDropout, "p", 1.2, r"p must be finite and in \[0, 1\] .*, got 1\.2"),
+    (variance_stable_dropout, VarianceStableDropout, "p", 1.0, r"p must be .*\[0, 1\) \(the drop"),
+    (variance_stable_dropout, VarianceStableDropout, "eps", 0.0, r"eps must be .*\(0, 1\].*0\.0"),
+    (variance_stable_dropout, VarianceStableDropout, "eps", math.nan, r"eps must be .*, got nan"),
+    # eps = inf used to give an all-NaN output.
+    (variance_stable_dropout, VarianceStableDropout, "eps", math.inf, r"eps must be .*, got inf"),
 ]
 
 
@@ -288,7 +291,7 @@ def test_invalid_arguments_are_refused_in_function_and_module(
 def test_forward_revalidates_a_changed_attribute() -> None:
     layer = GaussianDropout(0.3)
     layer.p = 1.0
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"p must be finite and in \[0, 1\)"):
         layer(torch.ones(3))
 
 

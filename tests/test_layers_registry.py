@@ -116,6 +116,7 @@ def test_spec_follows_the_modules_current_settings_not_its_mode() -> None:
     assert noise_spec(layer) == NoiseSpec("bernoulli", {"p": 0.6})
 
 
+@pytest.mark.usefixtures("noise_registry")
 def test_subclasses_count_and_the_most_specific_registration_wins() -> None:
     class MyDropout(nn.Dropout):
         pass
@@ -132,6 +133,7 @@ def test_subclasses_count_and_the_most_specific_registration_wins() -> None:
     assert Unmodelled in stochastic_modules()
 
 
+@pytest.mark.usefixtures("noise_registry")
 def test_register_a_custom_module_with_a_spec_function() -> None:
     class Noisy(nn.Module):
         def __init__(self, beta: float) -> None:
@@ -267,6 +269,7 @@ def test_deterministic_and_unhashable_targets_are_not_stochastic() -> None:
     assert function_noise_spec(torch.relu, (torch.ones(2),)) is None
 
 
+@pytest.mark.usefixtures("noise_registry")
 def test_register_a_custom_function_with_spec_from_call() -> None:
     def my_noise(x: Tensor, rate: float = 0.25, active: bool = True) -> Tensor:
         return x
@@ -302,6 +305,7 @@ def test_listing_holds_every_builtin_and_varshift_function() -> None:
 # Tensor methods
 
 
+@pytest.mark.usefixtures("noise_registry")
 def test_random_tensor_methods() -> None:
     for name in ("bernoulli", "bernoulli_", "normal_", "uniform_", "exponential_", "random_"):
         assert is_stochastic_method(name)

@@ -82,18 +82,40 @@ def test_a_seed_reproduces_the_profile() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"depth": 0}, r"depth must be an integer in \[1, inf\]; got 0"),
-        ({"width": 0}, r"width must be an integer in \[1, inf\]; got 0"),
-        ({"blocks": 1}, r"blocks must be an integer in \[2, inf\]; got 1"),
-        ({"samples": 100}, r"samples must be an integer in \[128, inf\]; got 100"),
+        ({"depth": 0}, r"depth must be an integer in \[1, inf\], got 0"),
+        ({"width": 0}, r"width must be an integer in \[1, inf\], got 0"),
+        ({"blocks": 1}, r"blocks must be an integer in \[2, inf\], got 1"),
+        ({"samples": 100}, r"samples must be an integer in \[128, inf\], got 100"),
         ({"rho": 1.5}, r"rho must be finite and in"),
         ({"cos2": 2.0}, r"cos2 must be finite and in \[0, 1\]"),
         ({"seed": -3}, r"seed must be an integer in \[0, inf\]"),
         ({"kind": "nope"}, r"unknown noise kind 'nope'"),
-        ({"p": None}, r"p must be a real number; got None"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:
     arguments: dict[str, object] = {"depth": 2, "width": 8, "p": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         simulate_depth(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"p": None}, r"p must be a real number, got None"),
+        ({"p": True}, r"p must be a real number, got True"),
+        ({"depth": 2.0}, r"depth must be an integer, got 2.0"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(
+    kwargs: dict[str, object], message: str
+) -> None:
+    arguments: dict[str, object] = {"depth": 2, "width": 8, "p": 0.5, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        simulate_depth(**arguments)  # type: ignore[arg-type]
+
+
+def test_a_stack_beyond_the_memory_limit_is_refused_before_drawing() -> None:
+    with pytest.raises(ValueError, match=r"at most 4 GiB.*lower the width or depth"):
+        simulate_depth(depth=2, width=10**6, p=0.5)
+    with pytest.raises(ValueError, match=r"at most 4 GiB.*pass at most \d+ samples"):
+        simulate_depth(depth=2, width=64, p=0.5, samples=10**9)

@@ -7,13 +7,14 @@ is checked against the spread of estimates over independent seeds.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from varshift.theory import MonteCarloEstimate, simulate_shift, variance_ratio
+from varshift.theory import MonteCarloEstimate, montecarlo, simulate_shift, variance_ratio
 from varshift.theory.draws import aligned_weights, correlated_inputs, cos_squared
 from varshift.theory.noise import register_noise_kind
 
@@ -154,9 +155,8 @@ def test_aligned_weights_have_the_requested_angle(width: int, cos2: float) -> No
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"samples": 5}, r"samples must be an integer in \[10, inf\]; got 5"),
-        ({"samples": 1e5}, r"samples must be an integer; got 100000.0"),
-        ({"seed": -1}, r"seed must be an integer in \[0, inf\]; got -1"),
+        ({"samples": 5}, r"samples must be an integer in \[10, inf\], got 5"),
+        ({"seed": -1}, r"seed must be an integer in \[0, inf\], got -1"),
         ({"rho": 0.3}, r"cos2 and rho .* need width"),
         ({"cos2": 0.3}, r"cos2 and rho .* need width"),
         ({"width": 4, "rho": -0.5}, r"rho must be finite and in \[-0.333333, 1\]"),
@@ -172,10 +172,46 @@ def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None
         simulate_shift("bernoulli", **arguments)
 
 
-def test_a_kind_without_sampler_cannot_be_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
-    from varshift.theory import noise as noise_module
-
-    monkeypatch.setattr(noise_module, "_KINDS", dict(noise_module._KINDS))
+@pytest.mark.usefixtures("noise_registry")
+def test_a_kind_without_sampler_cannot_be_simulated() -> None:
     register_noise_kind("formula_only", lambda p: p)
     with pytest.raises(ValueError, match=r"without a sampler"):
         simulate_shift("formula_only", 0.0, 1.0, samples=100, p=0.5)
+
+
+@pytest.mark.parametrize(("samples", "seed"), [(1e5, 0), (100, 1.0), (True, 0)])
+def test_counts_that_are_not_integers_raise_type_error(samples: object, seed: object) -> None:
+    with pytest.raises(TypeError, match=r"(samples|seed) must be an integer, got"):
+        simulate_shift("bernoulli", 0.0, 1.0, samples=samples, seed=seed, p=0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mean": 1e200},  # the old code printed "nan ± nan"
+        {"mean": 0.0, "var": 1e308},
+        {"mean": 0.0, "var": 1e307, "width": 8, "cos2": 0.5, "rho": 0.5},
+    ],
+)
+def test_moments_that_overflow_float64_are_refused_without_a_warning(
+    kwargs: dict[str, Any],
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"mean and var must keep"):
+            simulate_shift("bernoulli", samples=100, p=0.5, **{"var": 1.0, **kwargs})
+
+
+def test_a_simulation_beyond_the_memory_limit_is_refused_before_drawing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The old code tried to allocate 10^13 samples.
+    with pytest.raises(ValueError, match=r"at most 4 GiB .*MAX_SIMULATION_BYTES.*pass at most"):
+        simulate_shift("bernoulli", 0.0, 1.0, samples=10**13, p=0.5)
+    # The limit is read at every call: lowering it refuses what fitted before, and the count
+    # the message offers does fit.
+    monkeypatch.setattr(montecarlo, "MAX_SIMULATION_BYTES", 64_000)
+    with pytest.raises(ValueError, match=r"pass at most 999 samples") as refused:
+        simulate_shift("bernoulli", 0.0, 1.0, samples=1000, p=0.5)
+    assert "samples=1000" in str(refused.value)
+    assert simulate_shift("bernoulli", 0.0, 1.0, samples=999, p=0.5).samples == 999

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -122,15 +123,12 @@ def test_numbers_give_python_floats() -> None:
     [
         ({"var": 0.0}, r"var must be finite and in \(0, inf\).*got 0.0"),
         ({"var": -1.0}, r"var must be finite and in \(0, inf\)"),
-        ({"mean": math.nan}, r"mean must be finite; got nan"),
-        ({"mean": "a"}, r"mean must be a real number or an array of them"),
+        ({"mean": math.nan}, r"mean must be finite, got nan"),
         ({"width": 8}, r"width=8 needs both cos2 and rho.*cos2=1/width.*rho=0"),
         ({"width": 8, "cos2": 0.1}, r"width=8 needs both cos2 and rho"),
         ({"cos2": 0.1}, r"cos2 and rho .* need width"),
         ({"rho": 0.1}, r"cos2 and rho .* need width"),
-        ({"width": 0, "cos2": 0.1, "rho": 0.0}, r"width must be an integer in \[1, inf\]; got 0"),
-        ({"width": 2.0, "cos2": 0.1, "rho": 0.0}, r"width must be an integer; got 2.0"),
-        ({"width": True, "cos2": 0.1, "rho": 0.0}, r"width must be an integer; got True"),
+        ({"width": 0, "cos2": 0.1, "rho": 0.0}, r"width must be an integer in \[1, inf\], got 0"),
         ({"width": 8, "cos2": 1.1, "rho": 0.0}, r"cos2 must be finite and in \[0, 1\]"),
         ({"width": 8, "cos2": 0.5, "rho": 1.5}, r"rho must be finite and in \[-0.142857, 1\]"),
         ({"width": 8, "cos2": 0.5, "rho": -0.2}, r"lower end is -1/\(width - 1\).*got -0.2"),
@@ -143,6 +141,54 @@ def test_bad_arguments_name_the_argument_range_and_value(
     arguments: dict[str, Any] = {"mean": 0.0, "var": 1.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         variance_shift("bernoulli", p=0.5, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mean": "a"}, r"mean must be a real number or an array of them, got 'a'"),
+        ({"mean": True}, r"mean must be a real number or an array of them, got True"),
+        ({"var": np.array([True])}, r"var must be a real number or an array of them"),
+        ({"width": 2.0, "cos2": 0.1, "rho": 0.0}, r"width must be an integer, got 2.0"),
+        ({"width": True, "cos2": 0.1, "rho": 0.0}, r"width must be an integer, got True"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(
+    kwargs: dict[str, object], message: str
+) -> None:
+    arguments: dict[str, Any] = {"mean": 0.0, "var": 1.0, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        variance_shift("bernoulli", p=0.5, **arguments)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mean": 1e308},  # c² overflows: the old code printed a RuntimeWarning and "shift 0"
+        {"mean": 1e200},
+        {"mean": 0.0, "var": 1e308},  # v + σ²(c² + v) overflows
+        {"mean": 10**400},  # a Python int beyond float64
+        {"mean": np.array([0.0, 1e300]), "var": np.array([1.0, 1.0])},
+        {"mean": 0.0, "var": 1e308, "width": 4, "cos2": 1.0, "rho": 1.0},
+    ],
+)
+def test_moments_that_overflow_float64_are_refused_without_a_warning(
+    kwargs: dict[str, Any],
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"(mean|var) must"):
+            shift_parts("bernoulli", p=0.5, **{"var": 1.0, **kwargs})
+
+
+def test_a_noise_variance_that_underflows_leaves_no_shift() -> None:
+    # σ²(c² + v) underflows to 0 and ρ = 1, cos²θ = 0 leave no test variance: both modes have
+    # none, which is no shift, not 0/0 (the old code returned NaN with a RuntimeWarning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parts = shift_parts("uout", 0.0, 1e-300, width=2, cos2=0.0, rho=1.0, beta=1e-160)
+    assert parts.train_var == 0.0
+    assert parts.shift == 1.0
 
 
 def test_the_first_bad_channel_is_quoted_with_its_index() -> None:

@@ -242,6 +242,7 @@ def run_demo(
 
     Raises:
         ValueError: an unknown ``data``, ``epochs < 0``, a subset size out of range.
+        NotADirectoryError: ``out_dir`` is an existing file (refused before any training).
     """
     if data not in DEMO_DATASETS:
         raise ValueError(f"data must be one of {list(DEMO_DATASETS)}, got {data!r}")
@@ -249,6 +250,8 @@ def run_demo(
         epochs = DEFAULT_EPOCHS[data]
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"out_dir {str(out_dir)!r} is a file, not a folder")
     dataset = load_dataset(data, seed=seed)
     if train_size is not None or test_size is not None:
         dataset = dataset.subset(train_size, test_size, seed=seed)

@@ -27,11 +27,13 @@ def tiny_trial(
     config: dict[str, Any], seed: int, *, data_dir: str | None = None, threads: int | None = None
 ) -> TrialResult:
     """Train a 2-layer MLP with BatchNorm and dropout for a few full-batch steps on synthetic
-    data; ``crash`` kills the process, ``raise`` raises, ``interrupt`` simulates Ctrl-C."""
+    data; ``crash`` kills the process, ``raise`` raises (with its text as the message, if it is
+    one), ``interrupt`` simulates Ctrl-C."""
     if config.get("crash"):
         os._exit(3)
     if config.get("raise"):
-        raise RuntimeError("boom in the trial")
+        message = config["raise"]
+        raise RuntimeError(message if isinstance(message, str) else "boom in the trial")
     if config.get("interrupt"):
         raise KeyboardInterrupt
     start = time.perf_counter()
@@ -70,7 +72,7 @@ def tiny_trial(
     assert isinstance(stored, torch.Tensor)
     running_var = float(stored.mean())
     ratio = eval_var / train_var
-    shift = LayerShiftRecord("net.2", 1, train_var, eval_var, running_var, ratio, 0.8)
+    shift = LayerShiftRecord("net.2", 0, train_var, eval_var, running_var, ratio, 0.8)
     return TrialResult(
         status="done",
         metric_name="accuracy",
@@ -80,6 +82,31 @@ def tiny_trial(
         final={"test_metric": accuracy, "test_loss": test_loss, "extra_metric": 1.5},
         layer_shift=(shift,),
     )
+
+
+class SlowToStart:
+    """:func:`tiny_trial` in a worker that is slow to start up: unpickling this object (what a
+    process-backend worker does before it can take its first task, as a real worker imports
+    torch and loads data) waits until the file ``release`` exists, at most ``limit_s``."""
+
+    def __init__(self, release: str, limit_s: float = 60.0) -> None:
+        self.release = release
+        self.limit_s = limit_s
+
+    def __call__(
+        self, config: dict[str, Any], seed: int, *, data_dir: str | None = None,
+        threads: int | None = None,
+    ) -> TrialResult:
+        return tiny_trial(config, seed, data_dir=data_dir, threads=threads)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"release": self.release, "limit_s": self.limit_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        deadline = time.monotonic() + self.limit_s
+        while not Path(self.release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True)

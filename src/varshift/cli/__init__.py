@@ -15,11 +15,16 @@ from typing import NoReturn
 from varshift import __version__
 from varshift.cli import demo, diagnose, lab, theory
 
-__all__ = ["CommandError", "main"]
+__all__ = ["CommandError", "main", "one_line"]
 
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+# What the user can fix: printed as one line by `main`. MemoryError: numpy's "Unable to allocate
+# 72.8 TiB for an array ..." names the size that was asked for.
+_USER_ERRORS = (CommandError, ValueError, TypeError, OSError, ImportError, MemoryError)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -52,9 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("varshift: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, FileNotFoundError, ImportError, OSError) as exc:
+    except _USER_ERRORS as exc:
         # One line for anything the user can fix; a traceback would bury the message.
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"varshift: error: {message}", file=sys.stderr)
+        print(f"varshift: error: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
         return 2
     return status
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line, every line kept: ``"bad config (2 problems):\n - a\n - b"``
+    becomes ``"bad config (2 problems): a; b"``. Blank lines and list bullets are dropped; a
+    line after one that ends in a colon follows it after a space, any other after ``"; "``."""
+    text = ""
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").removeprefix("* ").strip()
+        if not line:
+            continue
+        if text:
+            text += " " if text.endswith(":") else "; "
+        text += line
+    return text

@@ -15,6 +15,8 @@ import argparse
 import time
 from typing import Any
 
+from varshift.cli.arguments import non_negative_int, output_dir
+
 __all__ = ["register"]
 
 # Repeated from varshift.demo so that `varshift --help` need not import torch.
@@ -42,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="built-in dataset, generated or shipped locally (default mnist1d)",
     )
     demo.add_argument(
-        "--epochs", type=int, default=None,
+        "--epochs", type=non_negative_int, default=None,
         help="training epochs (default 20; 5 for mnist5k, whose images cost more)",
     )
     demo.add_argument(
-        "--out", metavar="DIR", default="varshift-demo",
+        "--out", metavar="DIR", type=output_dir, default="varshift-demo",
         help="folder for the figures and model.pt (default ./varshift-demo)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

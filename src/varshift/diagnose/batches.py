@@ -15,6 +15,12 @@ single argument. A bare tensor given as ``data`` is one batch, not an iterable o
 
 The sample count of a batch is the leading dimension of the first tensor in its input; statistics
 downstream weight each batch by it.
+
+Batches are numbered from 0 in every message. ``data`` is streamed: an item is read only when it
+is needed and never beyond the ``batches``/``samples`` budget, so an endless generator with a
+budget ends; only a one-shot iterator that a caller must read twice is kept, and only within that
+budget. An exception raised by ``data`` itself becomes a one-line ``ValueError`` naming the batch
+it was reading, chained to the original.
 """
 
 from __future__ import annotations
@@ -34,15 +40,18 @@ __all__ = [
     "TARGET_KEYS",
     "Batch",
     "BatchStream",
+    "all_finite",
     "call_model",
     "check_count",
+    "is_one_shot",
     "model_device",
 ]
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "data")
 TARGET_KEYS = ("target", "targets", "y", "label", "labels")
 
-Keep = Literal["never", "one_shot", "labelled"]
+Keep = Literal["never", "all", "labelled"]
+_RawBatch = tuple[int, Any, Any, int]  # position in data, inputs, target, size (before the move)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,25 @@ def check_count(name: str, value: int | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+
+
+def is_one_shot(data: object) -> bool:
+    """Whether ``data`` is consumed by one pass: an iterator (a generator, ``iter(loader)``), as
+    opposed to an iterable (a list, a ``DataLoader``) that can be read again."""
+    return isinstance(data, Iterator)
+
+
+def all_finite(obj: Any) -> bool:
+    """Whether every floating-point or complex tensor in ``obj`` (nested in tuples, lists and
+    dicts) holds only finite values; integer tensors and non-tensors always do."""
+    if isinstance(obj, Tensor):
+        if not (obj.is_floating_point() or obj.is_complex()):
+            return True
+        return bool(torch.isfinite(obj).all())
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if isinstance(obj, (Mapping, tuple, list)):
+        return all(all_finite(value) for value in values)
+    return True
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -89,7 +117,7 @@ def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return obj
 
 
-def _cut(obj: Any, size: int) -> Any:
+def _first_samples(obj: Any, size: int) -> Any:
     """The first ``size`` samples of every tensor in ``obj``."""
     return _map_tensors(obj, lambda t: t[:size])
 
@@ -113,7 +141,7 @@ def _pick_key(item: Mapping[Any, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _split(
+def _input_and_target(
     item: Any,
     input_fn: Callable[[Any], Any] | None,
     target_fn: Callable[[Any], Any] | None,
@@ -139,14 +167,20 @@ def _split(
 class BatchStream:
     """Re-iterable view of ``data`` as :class:`Batch` objects, within the batch/sample limits.
 
-    The first iteration reads ``data``; later ones read it again, or replay what the first one
-    kept: ``keep="labelled"`` keeps every batch that has a target (for a caller that evaluates
-    on the *same* batches again), ``"one_shot"`` every batch but only when ``data`` is an
-    iterator that cannot be read twice, ``"never"`` nothing. Batches are kept before the move to
-    the device, so a replay costs no accelerator memory. With ``samples``, the last batch is cut
-    so that exactly that many samples are used.
+    Every iteration reads ``data`` again, except for a one-shot iterator (:func:`is_one_shot`),
+    which cannot be read twice: later iterations replay what the first one kept, ``keep="all"``
+    every batch, ``"labelled"`` the batches that have a target (for a caller that evaluates on
+    them again), ``"never"`` nothing (a second iteration then raises). Batches are kept before the
+    move to the device, so a replay costs no accelerator memory; a caller that keeps should bound
+    the data with ``batches``/``samples``. With ``samples``, the last batch is cut so that exactly
+    that many samples are used.
 
-    Raises ``ValueError`` when the first iteration yields no sample.
+    :attr:`index` is the position in ``data`` (from 0) of the batch last yielded, for messages
+    about it.
+
+    Raises ``TypeError`` when ``data`` is not iterable; ``ValueError`` when the first iteration
+    yields no sample, and when reading ``data`` raises (``"reading batch N of the data raised
+    <Type>: <message>"``, chained to it).
     """
 
     def __init__(
@@ -167,7 +201,7 @@ class BatchStream:
         if isinstance(data, Tensor):
             data = [data]
         elif not isinstance(data, Iterable):
-            raise ValueError(
+            raise TypeError(
                 f"data must be an iterable of batches (tensors, (x, y) tuples or dicts), "
                 f"got {type(data).__name__}"
             )
@@ -179,19 +213,19 @@ class BatchStream:
         self._device = device
         self._progress = progress
         self._desc = desc
-        # An iterator (not merely an iterable) is consumed by one pass; asking a DataLoader
-        # for iter() here would start its workers for nothing.
-        one_shot = isinstance(data, Iterator)
-        self._keep = keep == "labelled" or (keep == "one_shot" and one_shot)
+        # is_one_shot, not iter(): asking a DataLoader for an iterator here would start its
+        # workers for nothing.
+        self._one_shot = is_one_shot(data)
+        self._keep = keep != "never" and self._one_shot
         self._labelled_only = keep == "labelled"
-        self._one_shot = one_shot
-        self._kept: list[tuple[Any, Any, int]] | None = None
+        self._kept: list[_RawBatch] | None = None
         self.samples_seen = 0
         self.batches_seen = 0
+        self.index = -1
 
     def __iter__(self) -> Iterator[Batch]:
         if self._kept is not None:
-            raw: Iterator[tuple[Any, Any, int]] = iter(self._kept)
+            raw: Iterator[_RawBatch] = iter(self._kept)
             total: int | None = len(self._kept)
         elif self.batches_seen and self._one_shot:
             raise ValueError("data is a one-shot iterator and was already consumed")
@@ -199,7 +233,7 @@ class BatchStream:
             raw = self._read()
             total = self._expected_batches()
         keeping = self._keep and self._kept is None
-        kept: list[tuple[Any, Any, int]] = []
+        kept: list[_RawBatch] = []
         bar = tqdm(
             total=total,
             desc=self._desc,
@@ -207,11 +241,13 @@ class BatchStream:
             disable=not self._progress or total is None,
             leave=False,
         )
+        self.index = -1
         try:
-            for inputs, target, size in raw:
+            for index, inputs, target, size in raw:
                 if keeping and not (self._labelled_only and target is None):
-                    kept.append((inputs, target, size))
+                    kept.append((index, inputs, target, size))
                 bar.update(1)
+                self.index = index
                 yield Batch(self._to_device(inputs), self._to_device(target), size)
         finally:
             bar.close()
@@ -231,16 +267,41 @@ class BatchStream:
             return obj
         return _map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
-    def _read(self) -> Iterator[tuple[Any, Any, int]]:
-        """Split, size and cut the raw items; count what was used."""
+    def _within_budget(self, used_batches: int, used_samples: int) -> bool:
+        if self._batches is not None and used_batches >= self._batches:
+            return False
+        return self._samples is None or used_samples < self._samples
+
+    def _items(self) -> Iterator[tuple[int, Any]]:
+        """The items of ``data`` with their positions, each read only when asked for; whatever
+        reading raises becomes one line naming the batch (``KeyboardInterrupt`` passes)."""
+        number = 0
+        try:
+            items = iter(self._data)
+        except Exception as error:
+            raise ValueError(_read_error(number, error)) from error
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise ValueError(_read_error(number, error)) from error
+            yield number, item
+            number += 1
+
+    def _read(self) -> Iterator[_RawBatch]:
+        """Split, size and cut the raw items; count what was used. The budget is checked
+        before each read, so not one item beyond it is taken from ``data``."""
         used_batches = 0
         used_samples = 0
-        for item in self._data:
-            if self._batches is not None and used_batches >= self._batches:
+        items = self._items()
+        while self._within_budget(used_batches, used_samples):
+            numbered = next(items, None)
+            if numbered is None:
                 break
-            if self._samples is not None and used_samples >= self._samples:
-                break
-            inputs, target = _split(item, self._input_fn, self._target_fn)
+            number, item = numbered
+            inputs, target = _input_and_target(item, self._input_fn, self._target_fn)
             first = _first_tensor(inputs)
             if first is None or first.dim() == 0:
                 raise ValueError(
@@ -250,13 +311,22 @@ class BatchStream:
             size = int(first.shape[0])
             if self._samples is not None and used_samples + size > self._samples:
                 size = self._samples - used_samples
-                inputs, target = _cut(inputs, size), _cut(target, size)
+                inputs = _first_samples(inputs, size)
+                target = _first_samples(target, size)
             if size == 0:
                 # An empty batch carries no statistics and would make BatchNorm raise.
                 continue
             used_batches += 1
             used_samples += size
             self.batches_seen, self.samples_seen = used_batches, used_samples
-            yield inputs, target, size
+            yield number, inputs, target, size
         if used_batches == 0:
             raise ValueError("data is empty: it yielded no batch with at least one sample")
+
+
+def _read_error(number: int, error: Exception) -> str:
+    """One line: the batch being read, the exception's type and the first line of its message
+    (a DataLoader worker's message carries a whole traceback)."""
+    lines = str(error).strip().splitlines()
+    message = f": {lines[0]}" if lines else ""
+    return f"reading batch {number} of the data raised {type(error).__name__}{message}"

@@ -10,25 +10,34 @@ the population mean and the *unbiased* population variance over all the batches 
 batch weighted by its number of observations, so the answer is the same however the data is
 split into batches (PyTorch's ``momentum=None`` averages per batch instead, which lets a small
 last batch count as much as a full one; fvcore's PreciseBN weights by batch size, as here).
+
+*Fail loudly.* A batch whose statistics hold nan or inf (bad data, or a model that produces them)
+would turn every estimate into nan; :func:`check_finite` stops the pass at that batch instead,
+naming it and the first BatchNorm it reached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
+from varshift.diagnose.batches import all_finite
+
 __all__ = [
     "BnMode",
     "ChannelMoments",
     "ModeControl",
     "batch_norms",
+    "check_finite",
     "check_model",
+    "eager_module",
     "mode_control",
     "read_batch_statistics",
     "require_batch_norms",
@@ -38,6 +47,10 @@ __all__ = [
 
 BnMode = Literal["running", "batch", "update"]
 
+# Batch summaries a ChannelMoments holds before merging them into its running sums: memory stays
+# bounded on endless data, and merging stays vectorised over many batches.
+_MERGE_EVERY = 256
+
 
 def check_model(model: object) -> nn.Module:
     """``model`` itself when it is a ``torch.nn.Module``; ``TypeError`` otherwise. The one check
@@ -46,6 +59,31 @@ def check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
+
+
+def eager_module(model: object) -> nn.Module:
+    """The module whose layers a statistics pass can hook and switch: ``model`` itself or, for a
+    ``torch.compile``'d model, the original module it wraps (``_orig_mod``), which shares its
+    parameters and buffers, so statistics written there are the ones the compiled model uses.
+
+    ``TypeError`` for what is not a module (:func:`check_model`) and for a TorchScript module
+    (``torch.jit.script``/``trace``), whose layers are compiled code: they are not BatchNorm
+    modules any more, and no hook or training flag reaches them.
+    """
+    module = check_model(model)
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript module ({type(module).__name__}, from torch.jit.script or "
+            "torch.jit.trace) whose layers cannot be reached: pass the original (un-scripted) "
+            "module"
+        )
+    # torch.compile has imported dynamo if the model is compiled; importing it here otherwise
+    # would cost every caller a second.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(dynamo, "OptimizedModule", None)
+    if compiled is not None and isinstance(module, compiled):
+        return eager_module(module.get_submodule("_orig_mod"))
+    return module
 
 
 def batch_norms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -93,16 +131,20 @@ class ChannelMoments:
     concatenated data, whatever the batch split. A count of one observation gives ``nan``.
 
     A batch only records a ``(2, C)`` summary (two reductions of ``x``, or a copy of the mean and
-    variance BatchNorm computed); merging runs once, in :meth:`result`, vectorised over batches,
-    so that the forward hooks that feed this class stay cheap.
+    variance BatchNorm computed); summaries are merged into the sums vectorised, every
+    ``_MERGE_EVERY`` batches and in :meth:`result`, so that the forward hooks that feed this class
+    stay cheap and memory stays bounded however long the data. :attr:`finite` tells whether
+    every batch so far had finite statistics.
     """
 
     def __init__(self) -> None:
         self.count = 0
         self._ref: Tensor | None = None
+        self._sums: Tensor | None = None  # float64 [2, C]: S1, S2 of the merged batches
         self._shifted: list[Tensor] = []  # per batch: Σ(x−r), Σ(x−r)²
         self._moments: list[Tensor] = []  # per batch: mean, unbiased variance
         self._moment_counts: list[int] = []
+        self._finite: Tensor | None = None  # 0-dim bool on the data's device, no sync per batch
 
     def add(self, x: Tensor) -> None:
         """Add a batch ``Tensor[N, C, *]`` (channels on dimension 1)."""
@@ -117,7 +159,7 @@ class ChannelMoments:
         d = flat - self._ref.view(1, channels, 1)
         s1 = d.sum(dim=2).sum(dim=0)
         s2 = torch.linalg.vector_norm(d, dim=2).square().sum(dim=0)  # no d² temporary
-        self._shifted.append(torch.stack((s1, s2)))
+        self._record(self._shifted, torch.stack((s1, s2)))
         self.count += flat.shape[0] * flat.shape[2]
 
     def add_unbiased(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
@@ -126,30 +168,57 @@ class ChannelMoments:
         if self._ref is None:
             self._ref = mean.detach().clone()
         # stack copies: the caller's tensors may be overwritten by the next batch.
-        self._moments.append(torch.stack((mean.detach(), unbiased_var.detach())))
         self._moment_counts.append(n)
+        self._record(self._moments, torch.stack((mean.detach(), unbiased_var.detach())))
         self.count += n
+
+    @property
+    def finite(self) -> bool:
+        """Whether every batch added so far had finite statistics (one device sync)."""
+        return self._finite is None or bool(self._finite)
+
+    @property
+    def finite_flag(self) -> Tensor | None:
+        """:attr:`finite` as a 0-dim bool tensor on the data's device (no sync); ``None`` before
+        the first batch."""
+        return self._finite
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(mean, unbiased variance)``, float64 ``Tensor[C]`` on the data's device."""
         if self._ref is None:
             raise RuntimeError("ChannelMoments.result() called before any batch was added")
+        self._merge()
+        assert self._sums is not None, "merging after a batch leaves sums"
+        s1, s2 = self._sums[0], self._sums[1]
+        mean = self._ref.double() + s1 / self.count
+        if self.count < 2:
+            return mean, torch.full_like(mean, float("nan"))
+        return mean, (s2 - s1.square() / self.count).clamp_(min=0.0) / (self.count - 1)
+
+    def _record(self, summaries: list[Tensor], summary: Tensor) -> None:
+        finite = torch.isfinite(summary).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+        summaries.append(summary)
+        if len(self._shifted) + len(self._moments) >= _MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the recorded batch summaries into ``S1``, ``S2`` and forget them."""
+        assert self._ref is not None, "a batch was added"
         ref = self._ref.double()
-        s1 = torch.zeros_like(ref)
-        s2 = torch.zeros_like(ref)
+        sums = torch.zeros((2, ref.numel()), dtype=torch.float64, device=ref.device)
+        if self._sums is not None:
+            sums += self._sums
         if self._shifted:
-            sums = torch.stack(self._shifted).double().sum(dim=0)
-            s1, s2 = s1 + sums[0], s2 + sums[1]
+            sums += torch.stack(self._shifted).double().sum(dim=0)
         if self._moments:
             moments = torch.stack(self._moments).double()  # [B, 2, C]
             n = torch.tensor(self._moment_counts, dtype=torch.float64, device=ref.device)[:, None]
             shift = moments[:, 0] - ref
-            s1 = s1 + (n * shift).sum(dim=0)
-            s2 = s2 + ((n - 1) * moments[:, 1] + n * shift.square()).sum(dim=0)
-        mean = ref + s1 / self.count
-        if self.count < 2:
-            return mean, torch.full_like(mean, float("nan"))
-        return mean, (s2 - s1.square() / self.count).clamp_(min=0.0) / (self.count - 1)
+            sums[0] += (n * shift).sum(dim=0)
+            sums[1] += ((n - 1) * moments[:, 1] + n * shift.square()).sum(dim=0)
+        self._sums = sums
+        self._shifted, self._moments, self._moment_counts = [], [], []
 
 
 def running_stats(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
@@ -174,6 +243,31 @@ def read_batch_statistics(moments: ChannelMoments, bn: _BatchNorm, x: Tensor) ->
     itself: with ``momentum=1`` the stored mean and unbiased variance are exactly this batch's,
     so reading them costs nothing next to reducing ``x`` again."""
     moments.add_unbiased(x.numel() // x.shape[1], *running_stats(bn))
+
+
+def check_finite(batch: int, inputs: Any, layers: Iterable[tuple[str, ChannelMoments]]) -> None:
+    """``ValueError`` if batch number ``batch`` (model input ``inputs``) left nan or inf in the
+    statistics of any of ``layers`` (``(name, moments)`` in forward order). The one-line message
+    names the batch, the first such BatchNorm, and whether the data or the model is to blame."""
+    layers = list(layers)
+    flags = [flag for _, moments in layers if (flag := moments.finite_flag) is not None]
+    if flags and len({flag.device for flag in flags}) == 1 and bool(torch.stack(flags).all()):
+        return  # the usual case: one device sync for all the layers
+    bad = list(dict.fromkeys(name for name, moments in layers if not moments.finite))
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    if all_finite(inputs):
+        cause = (
+            "the model input is finite, so the layers before it produce nan/inf "
+            "(check the model's parameters and buffers)"
+        )
+    else:
+        cause = "the model input of that batch holds nan/inf"
+    raise ValueError(
+        f"batch {batch} of the data gives nan/inf statistics at BatchNorm "
+        f"{bad[0] or '<root>'!r}{more}: {cause}; the model's statistics were left unchanged"
+    )
 
 
 @contextmanager

@@ -10,6 +10,7 @@ staleness of the moving average (Wu & Johnson 2021).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from varshift.diagnose.batches import Batch, BatchStream, call_model, model_device
+from varshift.diagnose.batches import Batch, BatchStream, call_model, is_one_shot, model_device
 from varshift.diagnose.bn_stats import (
     BnMode,
     ChannelMoments,
     ModeControl,
+    check_finite,
+    eager_module,
     mode_control,
     read_batch_statistics,
     require_batch_norms,
@@ -61,30 +64,47 @@ def measure(
        accuracy "before";
     3. *precise* (``recalibrate=True``): dropout off, BatchNorms on batch statistics →
        ``precise_var``, the statistics :func:`varshift.fix.recalibrate_bn` would store. With
-       targets, a second pass over the same (kept) batches evaluates the model with these
-       statistics swapped in → loss and accuracy "after".
+       targets, a second pass over the labelled batches evaluates the model with these
+       statistics swapped in → loss and accuracy "after". That pass reads ``data`` again (a
+       shuffling loader with a ``batches`` limit gives it other samples of the same
+       population); a one-shot iterator's labelled batches are kept in memory for it instead.
 
     The model is left exactly as it was: parameters, buffers, every ``training`` flag, BatchNorm
-    momenta and the global torch (and CUDA) random state are restored, even on error.
+    momenta and the global torch (and CUDA) random state are restored, even on error. A
+    ``torch.compile``'d model is measured through the module it wraps.
 
     Args:
         model: a module with at least one BatchNorm keeping running statistics.
         data: batches as described in :mod:`varshift.diagnose.batches`: tensors, ``(x, y)``
-            tuples/lists or dicts; inputs are moved to the model's device.
+            tuples/lists or dicts; inputs are moved to the model's device. Streamed: memory
+            does not grow with the number of batches, except for what a one-shot iterator
+            keeps (see ``recalibrate``).
         batches: use at most this many batches (``None``: all of ``data``).
         input_fn, target_fn: pick the model input / the target from each item of ``data``.
         loss_fn: ``loss_fn(output, target)`` returning the batch-mean loss; by default cross
             entropy for integer targets (class labels, output ``Tensor[N, K, *]``) and mean
             squared error for targets shaped like the output. Accuracy is reported for class
-            labels only.
-        recalibrate: run the precise forward (and, with targets, the "after" pass). The batches
-            that have targets are kept in memory for that second pass.
+            labels only, which must lie in ``[0, K − 1]`` for an output with ``K`` classes.
+        recalibrate: run the precise forward (and, with targets, the "after" pass). A one-shot
+            iterator (a generator) is then kept in memory for the "after" pass, so it needs a
+            ``batches`` limit.
         progress: tqdm bars on stderr when ``data`` has a length.
 
     Raises:
-        ValueError: no BatchNorm with running statistics; empty ``data``; ``batches`` < 1.
+        TypeError: ``model`` is not a module, or is a TorchScript module.
+        ValueError: no BatchNorm with running statistics; empty ``data``; ``batches`` < 1; a
+            one-shot iterator without ``batches`` when ``recalibrate``; reading ``data`` raised
+            (the message names the batch); a batch with nan/inf statistics at a BatchNorm or a
+            nan/inf loss; class labels out of range. Each message is one line.
     """
+    model = eager_module(model)
     named = require_batch_norms(model, "measure")
+    if recalibrate and batches is None and is_one_shot(data):
+        raise ValueError(
+            "measure: data is a one-shot iterator (such as a generator) and batches is None: "
+            "its labelled batches would be kept in memory without bound for the before/after "
+            "comparison; pass batches=N, recalibrate=False, or a re-iterable (list, DataLoader)"
+        )
     device = model_device(model)
     stream = BatchStream(
         data,
@@ -112,7 +132,7 @@ def measure(
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-    return run.report(stream)
+    return run.report()
 
 
 def _cloned(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -130,12 +150,16 @@ class _Metrics:
         self.has_loss = True
         self.has_accuracy = True
 
-    def add(self, output: Any, target: Any, size: int) -> None:
+    def add(self, output: Any, target: Any, size: int, batch: int) -> None:
+        """Add batch number ``batch``; refuse class labels outside the output's classes (cross
+        entropy would fail obscurely, on CUDA with a device assert) and a nan/inf loss."""
         if target is None:
             return
         self.count += size
         labels = isinstance(target, Tensor) and not target.is_floating_point()
         logits = labels and isinstance(output, Tensor) and output.dim() == target.dim() + 1
+        if logits:
+            _check_labels(batch, output, target)
         loss: Tensor | None = None
         if self.loss_fn is not None:
             loss = self.loss_fn(output, target)
@@ -150,7 +174,13 @@ class _Metrics:
         if loss is None:
             self.has_loss = False
         else:
-            self.loss_sum += float(loss) * size
+            value = float(loss)
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"batch {batch} of the data gives loss {value} in eval mode: the model "
+                    "output or the target holds nan/inf; the model was left unchanged"
+                )
+            self.loss_sum += value * size
         if logits:
             # Per-position labels (segmentation) count each position as a fraction of a sample.
             hits = float((output.argmax(dim=1) == target).sum())
@@ -165,6 +195,19 @@ class _Metrics:
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.count if self.count and self.has_accuracy else None
+
+
+def _check_labels(batch: int, output: Tensor, target: Tensor) -> None:
+    if target.numel() == 0:
+        return
+    classes = output.shape[1]
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"batch {batch} of the data has class labels from {low} to {high}, but the model "
+            f"output has {classes} classes (dimension 1): labels must be in [0, {classes - 1}]; "
+            "pass target_fn to pick or map the labels"
+        )
 
 
 class _Run:
@@ -197,6 +240,8 @@ class _Run:
         self._seen: set[int] = set()
         self.before = _Metrics(loss_fn)
         self.after = _Metrics(loss_fn)
+        self.samples = 0
+        self.batches = 0
 
     def _pre_hook(self, i: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -238,10 +283,17 @@ class _Run:
                 if index:
                     self._put_stored()
                 output = self._forward(batch, False, "running", "eval")
-                self.before.add(output, batch.target, batch.size)
                 self._forward(batch, True, "update", "train")
                 if precise:
                     self._forward(batch, False, "update", "precise")
+                check_finite(stream.index, batch.inputs, self._layers_in_order())
+                self.before.add(output, batch.target, batch.size, stream.index)
+        self.samples, self.batches = stream.samples_seen, stream.batches_seen
+
+    def _layers_in_order(self) -> list[tuple[str, ChannelMoments]]:
+        return [
+            (self.named[i][0], moments[i]) for i in self.order for moments in self.moments.values()
+        ]
 
     def evaluate_recalibrated(self, stream: BatchStream) -> None:
         """Eval pass with the precise statistics written into the BatchNorms; :func:`measure`
@@ -250,10 +302,12 @@ class _Run:
             if precise.count:
                 store_statistics(bn, *precise.result())
         for batch in stream:
+            if batch.target is None:
+                continue  # nothing to evaluate
             output = self._forward(batch, False, "running", None)
-            self.after.add(output, batch.target, batch.size)
+            self.after.add(output, batch.target, batch.size, stream.index)
 
-    def report(self, stream: BatchStream) -> ShiftReport:
+    def report(self) -> ShiftReport:
         unused = [name for i, (name, _) in enumerate(self.named) if i not in self._seen]
         if unused:
             warnings.warn(
@@ -288,8 +342,8 @@ class _Run:
             )
         return ShiftReport(
             layers=tuple(layers),
-            samples=stream.samples_seen,
-            batches=stream.batches_seen,
+            samples=self.samples,
+            batches=self.batches,
             loss_before=self.before.loss,
             loss_after=self.after.loss,
             accuracy_before=self.before.accuracy,

@@ -1,25 +1,29 @@
 """Li et al.'s variance-shift figure for a :class:`~varshift.diagnose.ShiftReport`.
 
-matplotlib is optional (``varshift[plot]``) and imported here only when a figure is drawn. The
-figure is rendered through the Agg canvas object, never through ``pyplot``, so drawing does not
-change the backend or the open figures of the calling program.
+The figure is drawn from the report's per-layer summaries (plain dicts), so this module needs
+nothing from the report's module, which imports it (lazily) to draw. matplotlib is optional
+(``varshift[plot]``) and imported here only when a figure is drawn. The figure is rendered
+through the Agg canvas object, never through ``pyplot``, so drawing does not change the backend
+or the open figures of the calling program.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from varshift.diagnose.shift_report import ShiftReport
+from typing import Any
 
 __all__ = ["plot_shift"]
 
 
-def plot_shift(report: ShiftReport, path: Path) -> Path:
+def plot_shift(summaries: Sequence[Mapping[str, Any]], samples: int, path: Path) -> Path:
     """Two panels against BatchNorm depth: channel-mean train, eval, running (and precise)
     variance of the BN input on a log scale; the eval/train ratio (and, when measured, the
-    noise-only ratio precise/train) with the no-shift line at 1. Writes ``path``; returns it."""
+    noise-only ratio precise/train) with the no-shift line at 1. Writes ``path``; returns it.
+
+    ``summaries`` holds one :meth:`LayerShift.summary <varshift.diagnose.LayerShift.summary>`
+    per BatchNorm, in forward order; ``samples`` is the number of samples they were measured on.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -28,7 +32,6 @@ def plot_shift(report: ShiftReport, path: Path) -> Path:
             "ShiftReport.plot needs matplotlib: pip install 'varshift[plot]'"
         ) from None
 
-    summaries = [entry.summary() for entry in report.layers]
     depth = [s["depth"] for s in summaries]
     names = [s["name"] or "<root>" for s in summaries]
 
@@ -48,7 +51,7 @@ def plot_shift(report: ShiftReport, path: Path) -> Path:
     top.set_yscale("log")
     top.set_ylabel("variance of BN input")
     top.legend(fontsize="small")
-    top.set_title(f"Variance shift per BatchNorm ({report.samples} samples)")
+    top.set_title(f"Variance shift per BatchNorm ({samples} samples)")
 
     bottom.plot(depth, [s["ratio"] for s in summaries], marker="o", label="eval / train")
     noise = [s["noise_shift"] for s in summaries]

@@ -144,9 +144,24 @@ class LayerShift:
         return out
 
 
-def _format(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "-"
+_NOT_MEASURED = "-"
+_NO_FINITE_VALUE = "nan"
+_LEGEND = {
+    _NOT_MEASURED: "- = not measured (the precise figures need recalibration)",
+    _NO_FINITE_VALUE: (
+        "nan = no channel gave a finite value (a zero variance in the denominator: dead "
+        "channels; or non-finite variances)"
+    ),
+}
+
+
+def _format_figure(value: float | None) -> str:
+    """One figure for the text table, to 4 significant digits; a figure that was not measured
+    and one that is ``nan`` are told apart, and :data:`_LEGEND` says what each means."""
+    if value is None:
+        return _NOT_MEASURED
+    if math.isnan(value):
+        return _NO_FINITE_VALUE
     return f"{value:.4g}"
 
 
@@ -196,7 +211,7 @@ class ShiftReport:
         matplotlib (``pip install 'varshift[plot]'``)."""
         from varshift.diagnose.plot import plot_shift
 
-        return plot_shift(self, Path(path))
+        return plot_shift([entry.summary() for entry in self.layers], self.samples, Path(path))
 
     def __str__(self) -> str:
         header = (
@@ -222,7 +237,7 @@ class ShiftReport:
                     entry.name or "<root>",
                     str(entry.channels),
                     *(
-                        _format(s[key])
+                        _format_figure(s[key])
                         for key in (
                             "train_var",
                             "eval_var",
@@ -248,10 +263,13 @@ class ShiftReport:
                 for k, (cell, width) in enumerate(zip(row, widths))
             ]
             lines.append("  ".join(cells))
+        shown = {cell for row in rows[1:] for cell in row[3:]}
+        lines += [legend for mark, legend in _LEGEND.items() if mark in shown]
         if self.loss_before is not None or self.accuracy_before is not None:
             lines.append(
-                f"eval loss {_format(self.loss_before)} -> {_format(self.loss_after)}, "
-                f"accuracy {_format(self.accuracy_before)} -> {_format(self.accuracy_after)} "
+                f"eval loss {_format_figure(self.loss_before)} -> "
+                f"{_format_figure(self.loss_after)}, accuracy "
+                f"{_format_figure(self.accuracy_before)} -> {_format_figure(self.accuracy_after)} "
                 "(stored -> re-estimated BatchNorm statistics, dropout off)"
             )
         return "\n".join(lines)

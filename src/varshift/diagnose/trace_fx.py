@@ -15,20 +15,33 @@ from typing import Any
 
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx.proxy import TraceError
 
-from varshift.diagnose.graph import (
-    STOCHASTIC,
-    ChannelStats,
-    DataflowGraph,
-    call_without_noise,
-    channel_stats,
-    is_atomic_module,
-    module_namespaces,
-    stochastic_names,
-)
+from varshift.diagnose.calls import call_without_noise
+from varshift.diagnose.channel_stats import ChannelStats, channel_stats
+from varshift.diagnose.graph import DataflowGraph
+from varshift.diagnose.namespaces import module_namespaces, stochastic_names
+from varshift.diagnose.roles import Role, is_atomic_module
 from varshift.diagnose.trace_state import all_in_train_mode, measurement_state
 
-__all__ = ["FxTrace", "fx_measure", "fx_trace"]
+__all__ = ["FxTrace", "UntraceableError", "fx_measure", "fx_trace"]
+
+# What torch.fx raises when symbolic tracing meets Python it cannot record. Caught around the
+# trace call alone, so that a bug in the conversion below is never mistaken for "fx cannot
+# trace this model" and silently answered by the hooks tracer.
+_FX_TRACE_ERRORS: tuple[type[BaseException], ...] = (
+    TraceError,  # control flow on a traced value: if, bool(), iteration, assert
+    TypeError,  # a traced value where Python needs a number: range(), int(), a list index
+    ValueError,  # a library refusing a traced value (numpy's array protocol)
+    RuntimeError,  # len() of a traced value; NotImplementedError for a module without forward
+    LookupError,  # a traced value used as a dict key
+    AssertionError,  # fx's own internal checks on the module it is given
+)
+
+
+class UntraceableError(Exception):
+    """torch.fx could not trace the model; the message is fx's reason in one line and
+    ``__cause__`` the error fx raised."""
 
 
 @dataclass
@@ -57,21 +70,37 @@ class _LintTracer(fx.Tracer):
 
 
 def fx_trace(model: nn.Module) -> FxTrace:
-    """Trace ``model`` with fx in training mode; raises whatever fx raises when it cannot."""
+    """Trace ``model`` with fx in training mode.
+
+    Raises:
+        UntraceableError: fx cannot trace the model (data-dependent control flow, ``len`` of a
+            traced tensor, ...).
+    """
     namespaces, python_modules = module_namespaces(model)
     fns = list({id(fn): fn for ns in namespaces for _, fn in stochastic_names(ns)}.values())
     tracer = _LintTracer(fns, python_modules)
-    with all_in_train_mode(model):
-        graph = tracer.trace(model)
+    try:
+        with all_in_train_mode(model):
+            graph = tracer.trace(model)
+    except _FX_TRACE_ERRORS as error:
+        raise UntraceableError(_error_summary(error)) from error
     trace = FxTrace(DataflowGraph(), fx.GraphModule(tracer.root, graph))
     for node in graph.nodes:
-        index = _convert(model, node, trace)
+        index = _add_node(model, node, trace)
         if index is not None:
             trace.index[node] = index
     return trace
 
 
-def _convert(model: nn.Module, node: fx.Node, trace: FxTrace) -> int | None:
+def _error_summary(error: BaseException) -> str:
+    """``"TypeError: first line of the message"``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _add_node(model: nn.Module, node: fx.Node, trace: FxTrace) -> int | None:
+    """Add one fx node to ``trace.graph``; its index, or ``None`` for a node that carries no
+    activation."""
     inputs = [trace.index[n] for n in node.all_input_nodes if n in trace.index]
     if node.op == "placeholder":
         return trace.graph.add_input(str(node.target))
@@ -81,7 +110,7 @@ def _convert(model: nn.Module, node: fx.Node, trace: FxTrace) -> int | None:
     if node.op in ("call_function", "call_method"):
         weight = node.args[1] if len(node.args) > 1 else None
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            weight = _fetch(trace.module, str(weight.target))
+            weight = _attribute_value(trace.module, str(weight.target))
         return trace.graph.add_function(
             node.target, _owner(node), node.args, node.kwargs, inputs,
             weight if isinstance(weight, Tensor) else None,
@@ -99,7 +128,8 @@ def _owner(node: fx.Node) -> str:
     return str(name) or "<root>"
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
+def _attribute_value(gm: fx.GraphModule, target: str) -> Any:
+    """The object a ``get_attr`` node names (``"layer.weight"``), ``None`` if there is none."""
     value: Any = gm
     for part in target.split("."):
         value = getattr(value, part, None)
@@ -118,7 +148,7 @@ class _Measure(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         index = self.trace.index.get(n)
-        if index is None or self.trace.graph.nodes[index].role != STOCHASTIC:
+        if index is None or self.trace.graph.nodes[index].role is not Role.STOCHASTIC:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)

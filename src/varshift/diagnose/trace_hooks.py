@@ -10,8 +10,9 @@ registered (which need not be the order in which ``forward`` uses them):
   called elsewhere (``F.dropout``, ``torch.cat``, ``+``, indexing, reshapes) and records which
   tensors each call consumed and produced;
 * registered stochastic Python functions, which do not dispatch through ``__torch_function__``,
-  are swapped, for the duration of the run, for a recording wrapper in the namespaces where a
-  ``forward`` can find them (as fx's ``autowrap`` does).
+  are rebound to a recording wrapper in the namespaces where a ``forward`` can find them (as
+  fx's ``autowrap`` does), for the one run only
+  (:func:`~varshift.diagnose.namespaces.replaced_stochastic_functions`, undone in ``finally``).
 
 Tensors are matched by identity; every tensor seen is kept alive until the trace ends so that
 identities are never reused. A call that writes into its input (``inplace=True``, ``add_``,
@@ -21,9 +22,8 @@ not traced back to the tensor it views.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +31,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from varshift.diagnose.graph import (
-    STOCHASTIC,
-    ChannelStats,
-    DataflowGraph,
-    call_without_noise,
-    channel_stats,
-    classify_function,
-    classify_module,
-    is_atomic_module,
-    is_inplace_call,
-    module_namespaces,
-    stochastic_names,
-)
+from varshift.diagnose.calls import call_without_noise, is_inplace_call
+from varshift.diagnose.channel_stats import ChannelStats, channel_stats
+from varshift.diagnose.graph import DataflowGraph
+from varshift.diagnose.namespaces import replaced_stochastic_functions
+from varshift.diagnose.roles import Role, classify_function, classify_module, is_atomic_module
 from varshift.diagnose.trace_state import measurement_state
 
 __all__ = ["HookTrace", "hook_trace"]
@@ -136,7 +128,7 @@ class _Recorder(TorchFunctionMode):
             return None
         try:  # still suppressed: the statistics below must not be recorded as calls
             index = len(self.graph.nodes)
-            if classify_module(module) == STOCHASTIC:
+            if classify_module(module) is Role.STOCHASTIC:
                 self.measure(index, args, kwargs)
             self.graph.add_module(frame.name, module, self.sources(args, kwargs))
             if not getattr(module, "inplace", False):
@@ -164,7 +156,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.suppress:
             return func(*args, **kwargs)
-        if classify_function(func, args, kwargs) == STOCHASTIC:
+        if classify_function(func, args, kwargs) is Role.STOCHASTIC:
             return self.stochastic_call(func, args, kwargs)
         output = func(*args, **kwargs)
         inputs = self.sources(args, kwargs)
@@ -198,31 +190,16 @@ class _Recorder(TorchFunctionMode):
         finally:
             self.suppress -= 1
 
+    def recording(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` wrapped to be recorded as one stochastic call (outside an atomic module)."""
 
-@contextlib.contextmanager
-def _patched_functions(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
-    """Swap registered stochastic Python functions for recording wrappers (restored on exit)."""
-    patched: list[tuple[dict[str, Any], str, Any]] = []
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def recording(*args: Any, **kwargs: Any) -> Any:
-            if recorder.suppress:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            if self.suppress:
                 return fn(*args, **kwargs)
-            return recorder.stochastic_call(fn, args, kwargs)
+            return self.stochastic_call(fn, args, kwargs)
 
-        return recording
-
-    try:
-        namespaces, _ = module_namespaces(model)
-        for namespace in namespaces:
-            for name, fn in stochastic_names(namespace):
-                patched.append((namespace, name, fn))
-                namespace[name] = wrap(fn)
-        yield
-    finally:
-        for namespace, name, fn in reversed(patched):
-            namespace[name] = fn
+        return record
 
 
 def hook_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HookTrace:
@@ -236,7 +213,11 @@ def hook_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             handles.append(module.register_forward_pre_hook(recorder.pre_hook))
             handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True))
         recorder.add_inputs((args, kwargs))
-        with measurement_state(model), _patched_functions(model, recorder), recorder:
+        with (
+            measurement_state(model),
+            replaced_stochastic_functions(model, recorder.recording),
+            recorder,
+        ):
             model(*args, **kwargs)
     finally:
         for handle in handles:

@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar
 
 from torch import nn
 
+from varshift.diagnose.bn_stats import eager_module
 from varshift.diagnose.lint import lint
 from varshift.layers import GaussianDropout, Uout, VarianceStableDropout
 from varshift.layers.registry import is_stochastic, noise_spec
@@ -72,7 +73,9 @@ def convert_dropout(
     not modified.
 
     Args:
-        model: the model to convert.
+        model: the model to convert. For a ``torch.compile``'d model, the copy is made of the
+            module it wraps (``_orig_mod``) and returned as a plain, uncompiled module: compile
+            it again if you want to.
         to: ``"uout"``, ``"gaussian"``, ``"variance_stable"`` or ``"identity"`` (see the module
             docstring for the noise each one applies and why).
         where: ``"before_bn"`` converts only the stochastic modules that
@@ -92,11 +95,11 @@ def convert_dropout(
     (``F.dropout(x)`` inside a ``forward``) and stochastic modules outside the list above.
 
     Raises:
+        TypeError: ``model`` is not a module, or is a TorchScript module (pass the original).
         ValueError: unknown ``to`` or ``where``; ``beta`` out of range or given with another
             ``to``; a dropout with ``p = 1`` (no finite noise variance to carry over).
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module = eager_module(model)
     if to not in _TARGETS:
         raise ValueError(f"to must be one of {list(_TARGETS)}, got {to!r}")
     if where not in _WHERE:
@@ -106,7 +109,7 @@ def convert_dropout(
             raise ValueError(f"beta applies only to to='uout', got beta={beta!r} with to={to!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    converted = copy.deepcopy(model)
+    converted = copy.deepcopy(module)
     if where == "all":
         chosen = [name for name, module in converted.named_modules() if is_stochastic(module)]
         functions: list[str] = []
@@ -119,15 +122,15 @@ def convert_dropout(
     modules = {name: converted.get_submodule(name) for name in chosen}
     skipped = [name for name, m in modules.items() if not isinstance(m, _CONVERTIBLE)]
     _warn_unconverted(functions, skipped, modules)
-    make = _factory(to, DEFAULT_BETA if beta is None else float(beta))
+    make = _replacement_maker(to, DEFAULT_BETA if beta is None else float(beta))
     replacements = {
         id(m): make(name, m) for name, m in modules.items() if isinstance(m, _CONVERTIBLE)
     }
     root = replacements.get(id(converted))
     if root is not None:  # the model is itself a dropout layer
         return root  # type: ignore[return-value]
-    _replace(converted, replacements)
-    return converted
+    _swap_modules(converted, replacements)
+    return converted  # type: ignore[return-value]  # the module a compiled model wraps
 
 
 def _warn_unconverted(
@@ -165,7 +168,7 @@ def _noise_p(name: str, module: nn.Module) -> float:
     return p
 
 
-def _factory(to: str, beta: float) -> Callable[[str, nn.Module], nn.Module]:
+def _replacement_maker(to: str, beta: float) -> Callable[[str, nn.Module], nn.Module]:
     def make(name: str, module: nn.Module) -> nn.Module:
         if to == "identity":
             return nn.Identity()
@@ -178,7 +181,7 @@ def _factory(to: str, beta: float) -> Callable[[str, nn.Module], nn.Module]:
     return make
 
 
-def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+def _swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Put each replacement wherever its original sits, under every parent that holds it, and
     carry over the original's train/eval flag."""
     for parent in list(model.modules()):

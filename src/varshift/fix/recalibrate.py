@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from varshift.diagnose import bn_stats
-from varshift.diagnose.batches import BatchStream, call_model, model_device
+from varshift.diagnose.batches import BatchStream, call_model, is_one_shot, model_device
 from varshift.diagnose.bn_stats import ChannelMoments, ModeControl
 
 __all__ = ["recalibrate_bn"]
@@ -43,11 +43,16 @@ def recalibrate_bn(
 
     Args:
         model: a module with at least one BatchNorm keeping running statistics
-            (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy forms once initialised).
+            (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy forms once initialised). A
+            ``torch.compile``'d model is recalibrated through the module it wraps, whose
+            buffers it shares, and returned itself.
         data: batches as described in :mod:`varshift.diagnose.batches` (tensors, ``(x, y)``
             tuples, dicts; a bare tensor is one batch). Inputs are moved to the model's device.
+            Streamed: memory does not grow with the number of batches, except for what
+            ``exact=True`` keeps of a one-shot iterator.
         batches, samples: stop after this many batches / samples (the last batch is cut to
-            give exactly ``samples``); ``None`` reads all of ``data``.
+            give exactly ``samples``; no item beyond them is read from ``data``); ``None``
+            reads all of ``data``.
         keep_noise: ``False`` (default) puts every module except the BatchNorms in eval mode,
             so noise layers and ``F.dropout(..., training=self.training)`` calls are off, as at
             inference. ``True`` leaves them in training mode, which is what
@@ -62,8 +67,9 @@ def recalibrate_bn(
             autograd graph of one traced forward) and each level is estimated in its own pass
             with all shallower BatchNorms already using their new statistics. It costs one pass
             per level; the later passes stop the forward after the level's last BatchNorm. An
-            iterator that cannot be read twice is kept in memory for the later passes; a
-            shuffling loader gives each pass other samples of the same population.
+            iterator that cannot be read twice is kept in memory for the later passes, so it
+            needs a ``batches`` or ``samples`` limit; a shuffling loader gives each pass other
+            samples of the same population.
         input_fn: picks the model input from each item of ``data``.
         progress: show a tqdm bar on stderr when ``data`` has a length.
 
@@ -76,44 +82,55 @@ def recalibrate_bn(
     ``update_bn``'s does.
 
     Every module's ``training`` flag and every BatchNorm's ``momentum``, ``track_running_stats``
-    and ``num_batches_tracked`` are restored afterwards; if the forward raises, the old running
-    statistics are restored too. Runs under ``torch.no_grad`` by itself.
+    and ``num_batches_tracked`` are restored afterwards. On any failure (the forward or ``data``
+    raises, a batch gives nan/inf statistics, an interrupt) the old running statistics are
+    restored too: the model is as it was. Runs under ``torch.no_grad`` by itself.
 
     Raises:
+        TypeError: ``model`` is not a module or is a TorchScript module (pass the original);
+            ``keep_noise`` is not a bool.
         ValueError: no BatchNorm with running statistics (or a lazy one not initialised yet),
-            empty ``data``, ``batches`` or ``samples`` below 1.
-        TypeError: ``keep_noise`` is not a bool.
+            empty ``data``, ``batches`` or ``samples`` below 1, ``exact=True`` on a one-shot
+            iterator without a limit, reading ``data`` raised (the message names the batch), a
+            batch whose statistics hold nan/inf (bad data, or a model producing them). Each
+            message is one line.
     """
+    module = bn_stats.eager_module(model)
     if not isinstance(keep_noise, bool):
         raise TypeError(f"keep_noise must be a bool, got {keep_noise!r}")
-    bns = [bn for _, bn in bn_stats.require_batch_norms(model, "recalibrate")]
+    named = bn_stats.require_batch_norms(module, "recalibrate")
+    if exact and batches is None and samples is None and is_one_shot(data):
+        raise ValueError(
+            "recalibrate_bn: data is a one-shot iterator (such as a generator) and exact=True "
+            "reads it once per depth level, so it would be kept in memory without bound; pass "
+            "batches= or samples=, exact=False, or a re-iterable (list, DataLoader)"
+        )
     stream = BatchStream(
         data,
         batches=batches,
         samples=samples,
         input_fn=input_fn,
-        device=model_device(model),
+        device=model_device(module),
         progress=progress,
         desc="recalibrate_bn",
-        keep="one_shot" if exact else "never",
+        keep="all" if exact else "never",
     )
-    saved = [_Saved(bn) for bn in bns]
+    saved = [_SavedBuffers(bn) for _, bn in named]
+    succeeded = False
     try:
-        with torch.no_grad(), bn_stats.mode_control(model, bns) as modes:
-            _Estimator(model, bns, stream, modes, noise=keep_noise).run(exact=bool(exact))
-    except BaseException:
-        for entry in saved:
-            entry.restore_statistics()
-        raise
+        with torch.no_grad(), bn_stats.mode_control(module, [bn for _, bn in named]) as modes:
+            _Estimator(module, named, stream, modes, noise=keep_noise).run(exact=bool(exact))
+        succeeded = True
     finally:
         for entry in saved:
-            entry.restore_counter()
+            entry.restore(statistics=not succeeded)
     return model
 
 
-class _Saved:
-    """A BatchNorm's buffers before recalibration, to undo a failed run and to keep
-    ``num_batches_tracked`` (which the estimation forwards increment) unchanged."""
+class _SavedBuffers:
+    """A BatchNorm's buffers before recalibration: ``num_batches_tracked`` (which the
+    estimation forwards increment) is always put back, the running statistics after a failure.
+    """
 
     def __init__(self, bn: _BatchNorm) -> None:
         self.bn = bn
@@ -121,10 +138,9 @@ class _Saved:
         counter = bn.num_batches_tracked
         self.counter = None if counter is None else counter.detach().clone()
 
-    def restore_statistics(self) -> None:
-        bn_stats.store_statistics(self.bn, self.mean, self.var)
-
-    def restore_counter(self) -> None:
+    def restore(self, *, statistics: bool) -> None:
+        if statistics:
+            bn_stats.store_statistics(self.bn, self.mean, self.var)
         counter = self.bn.num_batches_tracked
         if counter is not None and self.counter is not None:
             with torch.no_grad():
@@ -142,14 +158,15 @@ class _Estimator:
     def __init__(
         self,
         model: nn.Module,
-        bns: list[_BatchNorm],
+        named: list[tuple[str, _BatchNorm]],
         stream: BatchStream,
         modes: ModeControl,
         *,
         noise: bool,
     ) -> None:
         self.model = model
-        self.bns = bns
+        self.names = [name for name, _ in named]
+        self.bns = [bn for _, bn in named]
         self.stream = stream
         self.modes = modes
         self.noise = noise
@@ -208,6 +225,9 @@ class _Estimator:
                 with suppress(_StopForwardError):
                     call_model(self.model, batch.inputs)
                 reading[0] = False
+                bn_stats.check_finite(
+                    self.stream.index, batch.inputs, [(self.names[i], moments[i]) for i in group]
+                )
         return moments
 
     def _trace(self, inputs: Any) -> None:

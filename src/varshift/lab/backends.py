@@ -4,15 +4,22 @@ A backend only runs trials and hands back their results; it never touches the re
 (the driver in :mod:`varshift.lab.runner` is the one writer). Every backend has the same small
 interface: :meth:`Backend.submit` a :class:`TrialTask` while fewer than ``capacity`` are in
 flight, :meth:`Backend.next_outcome` blocks until one of them has finished, :meth:`Backend.cancel`
-abandons the rest (Ctrl-C, ``--fail-fast``).
+abandons the rest (Ctrl-C, ``--fail-fast``). Each backend calls its ``on_start(trial_id)`` when a
+trial really begins, so that the driver counts an attempt only then (see
+:meth:`varshift.lab.store.ResultStore.mark_started`): a trial handed to a worker that is still
+starting up has not been tried.
 
-* ``local`` — sequential, in-process; the default and the reference for determinism.
+* ``local`` — sequential, in-process; the default and the reference for determinism. A trial
+  starts when the driver asks for its outcome.
 * ``process`` — ``workers`` persistent processes (forkserver where the platform has it, else
   spawn) with ``torch`` threads set so that workers × threads ≤ cores. Each worker has its own
   pipe, so when one dies the driver knows exactly which trial it was running: that trial fails
-  with "worker died", a fresh worker takes its place and the study goes on.
+  with "worker died", a fresh worker takes its place and the study goes on. A worker reports
+  "started" just before it calls the trial function.
 * ``ray`` — each trial a Ray task (``num_cpus=1``, ``num_gpus`` as asked); joins the cluster at
   ``ray_address`` or starts a local one with ``num_cpus = workers`` and shuts it down at the end.
+  Ray does not say when a task begins, so a trial counts as started when it is submitted (the
+  cluster is already up by then).
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from varshift.lab.results import TrialResult
-from varshift.lab.store import WorkerInfo
+from varshift.lab.results import TrialResult, one_line_reason
+from varshift.lab.store_records import WorkerInfo
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkServerContext, SpawnContext
@@ -47,6 +54,8 @@ __all__ = [
     "TrialFn",
     "TrialOutcome",
     "TrialTask",
+    "StartCallback",
+    "check_backend",
     "default_threads",
     "execute_trial",
     "import_ray",
@@ -59,6 +68,9 @@ BACKENDS = ("local", "process", "ray")
 #: :func:`varshift.lab.trial.run_trial`. It must be picklable (a module-level function) for the
 #: process and Ray backends.
 TrialFn = Callable[..., TrialResult]
+
+#: ``on_start(trial_id)``: called in the driver when a submitted trial really begins.
+StartCallback = Callable[[int], None]
 
 # How long a worker gets to exit after being asked before it is terminated.
 _JOIN_TIMEOUT_S = 5.0
@@ -74,6 +86,17 @@ class TrialTask:
 
 
 @dataclass(frozen=True)
+class _TrialStarted:
+    """A worker process's message: it is about to call the trial function for ``trial_id``."""
+
+    trial_id: int
+
+
+def _ignore_start(trial_id: int) -> None:
+    """The default ``on_start``: nobody is counting."""
+
+
+@dataclass(frozen=True)
 class TrialOutcome:
     """A finished trial: its result and the worker that produced it."""
 
@@ -82,7 +105,9 @@ class TrialOutcome:
     worker: WorkerInfo
 
 
-def _failed(error: str, *, wall_time_s: float = 0.0, tb: str | None = None) -> TrialResult:
+def _failed_result(
+    error: str, *, wall_time_s: float = 0.0, tb: str | None = None
+) -> TrialResult:
     # metric_name is unknown when the trial never got to build its task.
     return TrialResult(
         status="failed",
@@ -115,8 +140,9 @@ def execute_trial(
 ) -> TrialOutcome:
     """Run one trial wherever this is called (driver, worker process or Ray task).
 
-    An exception from ``trial_fn`` becomes a failed result with its traceback, so a worker
-    survives a bad trial; ``threads`` (if given) sets torch's intra-op threads first.
+    An exception from ``trial_fn`` becomes a failed result (its message on one line, see
+    :func:`~varshift.lab.results.one_line_reason`, and its traceback), so a worker survives a
+    bad trial; ``threads`` (if given) sets torch's intra-op threads first.
     """
     start = time.perf_counter()
     try:
@@ -127,8 +153,8 @@ def execute_trial(
                 torch.set_num_threads(threads)
         result = trial_fn(task.config, task.seed, data_dir=data_dir, threads=threads)
     except Exception as exc:
-        result = _failed(
-            f"{type(exc).__name__}: {exc}",
+        result = _failed_result(
+            one_line_reason(f"{type(exc).__name__}: {exc}", limit=None),
             wall_time_s=time.perf_counter() - start,
             tb=traceback.format_exc(),
         )
@@ -170,10 +196,17 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, trial_fn: TrialFn, *, data_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        trial_fn: TrialFn,
+        *,
+        data_dir: str | None = None,
+        on_start: StartCallback | None = None,
+    ) -> None:
         self.capacity = 1
         self._trial_fn = trial_fn
         self._data_dir = data_dir
+        self._on_start = on_start or _ignore_start
         self._queue: deque[TrialTask] = deque()
 
     def submit(self, task: TrialTask) -> None:
@@ -182,8 +215,10 @@ class LocalBackend(Backend):
     def next_outcome(self) -> TrialOutcome:
         if not self._queue:
             raise RuntimeError("no trial in flight")
+        task = self._queue.popleft()
+        self._on_start(task.trial_id)
         # threads=None: the caller's torch settings stand, as for any in-process library call.
-        return execute_trial(self._trial_fn, self._queue.popleft(), self._data_dir, None)
+        return execute_trial(self._trial_fn, task, self._data_dir, None)
 
     def cancel(self) -> None:
         self._queue.clear()
@@ -192,7 +227,9 @@ class LocalBackend(Backend):
 def _worker_main(
     conn: Connection, trial_fn: TrialFn | None, data_dir: str | None, threads: int
 ) -> None:
-    """Loop of one persistent worker: receive a task, run it, send the outcome; ``None`` ends."""
+    """Loop of one persistent worker: receive a task, say it has started, run it, send the
+    outcome; ``None`` ends. Everything before the first task (imports, unpickling the trial
+    function) is start-up: a trial waiting in the pipe meanwhile has not started."""
     # Ctrl-C reaches the whole process group; the driver decides what stops, and how.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn = trial_fn if trial_fn is not None else default_trial_fn()
@@ -203,13 +240,17 @@ def _worker_main(
             return
         if task is None:
             return
+        try:
+            conn.send(_TrialStarted(task.trial_id))
+        except OSError:  # the driver died while this worker was idle
+            return
         outcome = execute_trial(fn, task, data_dir, threads)
         try:
             conn.send(outcome)
         except OSError:  # the driver died (e.g. SIGKILL) while this trial ran; it will re-run
             return
         except Exception as exc:  # e.g. a result that does not pickle
-            failed = _failed(f"result not sent: {exc}")
+            failed = _failed_result(f"result not sent: {exc}")
             conn.send(TrialOutcome(task.trial_id, failed, outcome.worker))
 
 
@@ -233,16 +274,10 @@ class ProcessBackend(Backend):
         data_dir: str | None = None,
         threads: int | None = None,
         start_method: Literal["forkserver", "spawn"] | None = None,
+        on_start: StartCallback | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        try:  # now, rather than as a puzzling error when the first trial is sent
-            pickle.dumps(trial_fn)
-        except Exception as exc:
-            raise TypeError(
-                f"the process backend needs a module-level trial function, got {trial_fn!r} "
-                f"({exc})"
-            ) from None
+        check_backend("process", workers=workers, trial_fn=trial_fn)
+        self._on_start = on_start or _ignore_start
         # Never plain fork: forking a driver whose torch already runs threads can deadlock.
         if start_method == "spawn" or "forkserver" not in multiprocessing.get_all_start_methods():
             self._context: SpawnContext | ForkServerContext = multiprocessing.get_context("spawn")
@@ -287,33 +322,36 @@ class ProcessBackend(Backend):
         idle.conn.send(task)
 
     def next_outcome(self) -> TrialOutcome:
-        busy = [w for w in self._workers if w.task is not None]
-        if not busy:
-            raise RuntimeError("no trial in flight")
-        ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
-        worker = next(w for w in busy if w.conn in ready or w.process.sentinel in ready)
-        return self._collect(worker)
+        """Wait for the next outcome, passing each worker's "started" message on to
+        ``on_start`` as it comes."""
+        while True:
+            busy = [w for w in self._workers if w.task is not None]
+            if not busy:
+                raise RuntimeError("no trial in flight")
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            worker = next(w for w in busy if w.conn in ready or w.process.sentinel in ready)
+            message = _receive(worker.conn)
+            if isinstance(message, _TrialStarted):
+                self._on_start(message.trial_id)
+                continue
+            return self._collect(worker, message)
 
-    def _collect(self, worker: _Worker) -> TrialOutcome:
+    def _collect(self, worker: _Worker, outcome: TrialOutcome | None) -> TrialOutcome:
+        """The outcome a worker sent, or (``None``: it died) a failed one; a dead worker is
+        replaced."""
         task, worker.task = worker.task, None
         if task is None:
             raise RuntimeError("internal error: collecting from an idle worker")
-        outcome: TrialOutcome | None = None
-        try:
-            if worker.conn.poll():
-                outcome = worker.conn.recv()
-        except (EOFError, OSError):
-            outcome = None
         if outcome is None or not worker.process.is_alive():
-            self._replace(worker)
+            self._replace_dead_worker(worker)
         if outcome is not None:
             return outcome
         code = worker.process.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         where = dataclasses.replace(WorkerInfo.here(), pid=worker.process.pid or 0)
-        return TrialOutcome(task.trial_id, _failed(f"worker died ({why})"), where)
+        return TrialOutcome(task.trial_id, _failed_result(f"worker died ({why})"), where)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace_dead_worker(self, worker: _Worker) -> None:
         worker.process.join(_JOIN_TIMEOUT_S)
         worker.conn.close()
         fresh = self._start_worker()
@@ -347,6 +385,18 @@ class ProcessBackend(Backend):
                 worker.conn.close()
 
 
+def _receive(conn: Connection) -> TrialOutcome | _TrialStarted | None:
+    """The next message from a worker whose pipe is ready; ``None`` when it has closed (the
+    worker died)."""
+    try:
+        if conn.poll():
+            message: TrialOutcome | _TrialStarted = conn.recv()
+            return message
+    except (EOFError, OSError):
+        pass
+    return None
+
+
 def import_ray() -> Any:
     """The ``ray`` module, or an ImportError that says how to install it."""
     try:
@@ -377,12 +427,11 @@ class RayBackend(Backend):
         address: str | None = None,
         threads: int | None = None,
         gpus_per_trial: float = 0.0,
+        on_start: StartCallback | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if gpus_per_trial < 0:
-            raise ValueError(f"gpus_per_trial must be >= 0, got {gpus_per_trial}")
+        check_backend("ray", workers=workers, trial_fn=trial_fn, gpus_per_trial=gpus_per_trial)
         ray = import_ray()
+        self._on_start = on_start or _ignore_start
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
@@ -404,6 +453,7 @@ class RayBackend(Backend):
     def submit(self, task: TrialTask) -> None:
         ref = self._remote.remote(self._fn_ref, task, self._data_dir, self._threads)
         self._in_flight[ref] = task
+        self._on_start(task.trial_id)  # Ray cannot tell when the task begins; count it now
 
     def next_outcome(self) -> TrialOutcome:
         if not self._in_flight:
@@ -413,8 +463,9 @@ class RayBackend(Backend):
         try:
             outcome: TrialOutcome = self._ray.get(ref)
         except self._ray.exceptions.RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return TrialOutcome(task.trial_id, _failed(f"worker died ({first})"), WorkerInfo.here())
+            why = one_line_reason(str(exc) or type(exc).__name__)
+            failed = _failed_result(f"worker died ({why})")
+            return TrialOutcome(task.trial_id, failed, WorkerInfo.here())
         return outcome
 
     def cancel(self) -> None:
@@ -428,6 +479,39 @@ class RayBackend(Backend):
         self._owns_ray = False
 
 
+def check_backend(
+    name: str,
+    *,
+    workers: int = 1,
+    trial_fn: TrialFn | None = None,
+    gpus_per_trial: float = 0.0,
+) -> None:
+    """Refuse, in one line and without starting anything, what :func:`make_backend` could not
+    run: an unknown backend, a bad worker or GPU count, a trial function the process backend
+    cannot send to its workers, Ray when it is not installed. The driver calls it before it
+    touches the results store."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    if name == "local" and workers != 1:
+        raise ValueError(f"the local backend runs one trial at a time; got workers={workers}")
+    if not gpus_per_trial >= 0:  # also refuses NaN
+        raise ValueError(f"gpus_per_trial must be >= 0, got {gpus_per_trial}")
+    if gpus_per_trial and name != "ray":
+        raise ValueError(f"gpus_per_trial needs the ray backend, got backend {name!r}")
+    if name == "process":
+        try:  # now, rather than as a puzzling error when the first trial is sent
+            pickle.dumps(trial_fn)
+        except Exception as exc:
+            raise TypeError(
+                f"the process backend needs a module-level trial function, got {trial_fn!r} "
+                f"({exc})"
+            ) from None
+    if name == "ray":
+        import_ray()
+
+
 def make_backend(
     name: str,
     *,
@@ -436,24 +520,22 @@ def make_backend(
     data_dir: str | None = None,
     ray_address: str | None = None,
     gpus_per_trial: float = 0.0,
+    on_start: StartCallback | None = None,
 ) -> Backend:
-    """The backend called ``name`` (one of :data:`BACKENDS`); ``trial_fn`` defaults to
-    :func:`varshift.lab.trial.run_trial`."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    """The backend called ``name`` (one of :data:`BACKENDS`), after :func:`check_backend`;
+    ``trial_fn`` defaults to :func:`varshift.lab.trial.run_trial`, ``on_start`` is called with
+    a trial's id when it really begins."""
+    check_backend(name, workers=workers, trial_fn=trial_fn, gpus_per_trial=gpus_per_trial)
     if name == "local":
-        if workers != 1:
-            raise ValueError(f"the local backend runs one trial at a time; got workers={workers}")
-        return LocalBackend(trial_fn or default_trial_fn(), data_dir=data_dir)
+        return LocalBackend(trial_fn or default_trial_fn(), data_dir=data_dir, on_start=on_start)
     if name == "process":
         # None: each worker imports run_trial itself, after the fork server preloaded it.
-        return ProcessBackend(trial_fn, workers=workers, data_dir=data_dir)
+        return ProcessBackend(trial_fn, workers=workers, data_dir=data_dir, on_start=on_start)
     return RayBackend(
         trial_fn or default_trial_fn(),
         workers=workers,
         data_dir=data_dir,
         address=ray_address,
         gpus_per_trial=gpus_per_trial,
+        on_start=on_start,
     )

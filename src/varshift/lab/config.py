@@ -4,6 +4,8 @@ A :class:`TrialConfig` is a frozen tree of sections (``data``, ``model``, ``drop
 ``autoencoder``, ``measure``). :meth:`TrialConfig.from_dict` accepts nested tables (as a TOML file
 gives them) or dotted keys (``{"model.order": ...}``), checks every key and value and reports all
 problems at once, each as ``"path.to.key: message"``; unknown keys get a "did you mean".
+Every section also validates itself when it is constructed (``DataConfig(dataset="nope")``
+raises), so no invalid configuration exists in any form; ``data.dataset`` is the one required key.
 
 :meth:`TrialConfig.to_dict` is canonical (every key, defaults included, lists for sequences,
 floats for real-valued keys), so :meth:`TrialConfig.config_hash` does not depend on how the
@@ -21,7 +23,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from varshift.data import dataset_names
 from varshift.lab.architectures import (
@@ -32,12 +34,17 @@ from varshift.lab.architectures import (
     stage_count,
 )
 
+# The largest seed (trial seed or ``data.seed``): the store keeps seeds as SQLite's signed
+# 64-bit integers, so a larger one could not be recorded.
+from varshift.lab.store_schema import MAX_SEED
+
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "DROPOUT_KINDS",
     "ELEMENTWISE_DROPOUT_KINDS",
     "LAYER_TOKENS",
+    "MAX_SEED",
     "NORM_KINDS",
     "AutoencoderConfig",
     "ConfigError",
@@ -78,7 +85,6 @@ NORM_KINDS = ("batch", "layer", "group", "instance", "none")
 ACTIVATIONS = ("relu", "elu", "selu", "gelu", "leaky_relu", "sigmoid", "tanh")
 TASKS = ("auto", "classification", "regression", "autoencoding")
 ARCHITECTURES = ("plain", "densenet", *CIFAR_ARCHITECTURES)
-
 # A checker validates one value found at ``path``: it returns the canonical value, or appends
 # ``"path: message"`` lines to ``problems`` (and returns anything; the caller discards it).
 Checker = Callable[[Any, str, list[str]], Any]
@@ -86,15 +92,19 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """An invalid configuration or study file; ``problems`` lists every ``"path: message"``."""
+    """An invalid configuration or study file; ``problems`` lists every ``"path: message"``.
+
+    The message is one line (a trial's error and the CLI print only the first line): the
+    problems follow the summary, separated by `` | ``.
+    """
 
     def __init__(self, problems: Iterable[str], what: str = "configuration") -> None:
         self.problems = list(dict.fromkeys(problems))  # de-duplicated, first-seen order
         self.what = what
         count = len(self.problems)
-        lines = "\n".join(f"  {problem}" for problem in self.problems)
-        plural = "" if count == 1 else "s"
-        super().__init__(f"invalid {what} ({count} problem{plural}):\n{lines}")
+        listed = " | ".join(" ".join(problem.split()) for problem in self.problems)
+        head = f"invalid {what}" if count == 1 else f"invalid {what} ({count} problems)"
+        super().__init__(f"{head}: {listed}")
 
     def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str], str]]:
         # Rebuild from the problems, not the message, when a worker process sends it back.
@@ -107,7 +117,7 @@ def split_problem(problem: str) -> tuple[str, str]:
     return path, message
 
 
-def _describe(value: Any) -> str:
+def _value_and_type(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -129,7 +139,7 @@ def _choice(options: Sequence[str], aliases: Mapping[str, str] | None = None) ->
 def _integer(low: int, high: int | None = None) -> Checker:
     def check(value: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {_describe(value)}")
+            problems.append(f"{path}: expected an integer, got {_value_and_type(value)}")
         elif value < low or (high is not None and value > high):
             upper = "" if high is None else f" and <= {high}"
             problems.append(f"{path}: expected an integer >= {low}{upper}, got {value}")
@@ -150,11 +160,11 @@ def _optional_size(value: Any, path: str, problems: list[str]) -> Any:
     return _integer(1)(value, path, problems)
 
 
-def _real(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+def _number_in_range(low: float | None = None, high: float | None = None, *, open_low: bool = False,
           open_high: bool = False) -> Checker:
     def check(value: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"{path}: expected a number, got {_describe(value)}")
+            problems.append(f"{path}: expected a number, got {_value_and_type(value)}")
             return None
         number = float(value)
         too_low = low is not None and (number <= low if open_low else number < low)
@@ -182,7 +192,7 @@ def _dataset_name(value: Any, path: str, problems: list[str]) -> Any:
     """A name :func:`varshift.data.load_dataset` knows, canonicalised as it reads it (case,
     ``_`` for ``-``, the optional ``builtin:`` prefix) so that spellings hash alike."""
     if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}: expected a dataset name, got {_describe(value)}")
+        problems.append(f"{path}: expected a dataset name, got {_value_and_type(value)}")
         return None
     name = value.strip().lower().replace("_", "-").removeprefix("builtin:")
     names = dataset_names()
@@ -194,7 +204,7 @@ def _dataset_name(value: Any, path: str, problems: list[str]) -> Any:
 
 def _boolean(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, bool):
-        problems.append(f"{path}: expected true or false, got {_describe(value)}")
+        problems.append(f"{path}: expected true or false, got {_value_and_type(value)}")
     return value
 
 
@@ -203,7 +213,7 @@ def _sequence(element: Checker, *, allow_empty: bool) -> Checker:
 
     def check(value: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, list | tuple):
-            problems.append(f"{path}: expected a list, got {_describe(value)}")
+            problems.append(f"{path}: expected a list, got {_value_and_type(value)}")
             return None
         if not value and not allow_empty:
             problems.append(f"{path}: expected a non-empty list")
@@ -232,7 +242,7 @@ def order_tokens(order: str) -> list[str]:
 def _order_string(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or not value:
         problems.append(f"{path}: expected a layer-order string such as 'conv-bn-act-drop-pool', "
-                        f"got {_describe(value)}")
+                        f"got {_value_and_type(value)}")
         return None
     tokens = order_tokens(value)
     for token in tokens:
@@ -263,7 +273,23 @@ def _key(default: Any, check: Checker) -> Any:
     return field(default=default, metadata={"check": check})
 
 
-_REQUIRED = object()
+def _required_key(check: Checker) -> Any:
+    """A section field without a default: constructing the section without it is a TypeError,
+    and ``from_dict`` reports it as a missing key."""
+    return field(metadata={"check": check})
+
+
+def _check_fields(section: Any) -> None:
+    """Validate every field of a just-constructed section and store its canonical value
+    (aliases resolved, lists as tuples, numbers as floats); raise :class:`ConfigError` listing
+    every problem. Checking a canonical value returns it unchanged."""
+    problems: list[str] = []
+    for f in dataclasses.fields(section):
+        checked = f.metadata["check"](getattr(section, f.name), f"{section.SECTION}.{f.name}",
+                                      problems)
+        object.__setattr__(section, f.name, checked)  # frozen: the dataclass way to canonicalise
+    if problems:
+        raise ConfigError(problems)
 
 
 @dataclass(frozen=True)
@@ -273,11 +299,16 @@ class DataConfig:
     across trial seeds, so every seed of every arm sees the same samples) and the task
     (``auto`` = the dataset's own; ``autoencoding`` reconstructs the inputs)."""
 
-    dataset: str = _key(_REQUIRED, _dataset_name)
+    SECTION: ClassVar[str] = "data"
+
+    dataset: str = _required_key(_dataset_name)
     train_size: int | None = _key(None, _optional_size)
     test_size: int | None = _key(None, _optional_size)
-    seed: int = _key(0, _integer(0))
+    seed: int = _key(0, _integer(0, MAX_SEED))
     task: str = _key("auto", _choice(TASKS))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -295,6 +326,8 @@ class ModelConfig:
     ``dropout.rate`` is per stage. ``norm_*`` set the norm layers: momentum and eps in PyTorch's
     convention (Keras' ``momentum=0.99`` is ``norm_momentum = 0.01``), initial γ and β."""
 
+    SECTION: ClassVar[str] = "model"
+
     architecture: str = _key("plain", _choice(ARCHITECTURES))
     order: str | tuple[str, ...] = _key("conv-bn-act-drop-pool", _one_or_list(_order_string))
     widths: tuple[int, ...] = _key((32, 64), _sequence(_integer(1), allow_empty=False))
@@ -304,19 +337,22 @@ class ModelConfig:
     pool: str = _key("max", _choice(("max", "avg")))
     pool_size: int = _key(2, _integer(1))
     norm: str = _key("batch", _choice(NORM_KINDS))
-    norm_momentum: float = _key(0.1, _real(0.0, 1.0, open_low=True))
-    norm_eps: float = _key(1e-5, _real(0.0, open_low=True))
-    norm_gamma: float = _key(1.0, _real())
-    norm_beta: float = _key(0.0, _real())
+    norm_momentum: float = _key(0.1, _number_in_range(0.0, 1.0, open_low=True))
+    norm_eps: float = _key(1e-5, _number_in_range(0.0, open_low=True))
+    norm_gamma: float = _key(1.0, _number_in_range())
+    norm_beta: float = _key(0.0, _number_in_range())
     norm_groups: int = _key(8, _integer(1))
     head_hidden: tuple[int, ...] = _key((), _sequence(_integer(1), allow_empty=True))
     head_activation: str = _key("relu", _choice(ACTIVATIONS))
     growth: int = _key(12, _integer(1))
     dense_layers: tuple[int, ...] = _key((3, 3), _sequence(_integer(1), allow_empty=False))
     bottleneck: int = _key(4, _integer(1))
-    compression: float = _key(0.5, _real(0.0, 1.0, open_low=True))
+    compression: float = _key(0.5, _number_in_range(0.0, 1.0, open_low=True))
     depth: int | None = _key(None, _optional_integer)
     width_factor: int | None = _key(None, _optional_integer)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -330,27 +366,37 @@ class DropoutConfig:
     ``head_kind``, ``head_at``) goes before the hidden dense layers or before the output layer;
     ``head_kind = "same"`` reuses ``kind`` when it is element-wise, else plain dropout."""
 
+    SECTION: ClassVar[str] = "dropout"
+
     kind: str = _key("dropout", _choice(DROPOUT_KINDS, _DROPOUT_ALIASES))
-    rate: float | tuple[float, ...] = _key(0.5, _one_or_list(_real(0.0)))
+    rate: float | tuple[float, ...] = _key(0.5, _one_or_list(_number_in_range(0.0)))
     block_size: int = _key(3, _integer(1))
     schedule: str = _key("constant", _choice(("constant", "linear")))
-    head_rate: float = _key(0.0, _real(0.0))
+    head_rate: float = _key(0.0, _number_in_range(0.0))
     head_kind: str = _key("same", _choice(("same", *ELEMENTWISE_DROPOUT_KINDS)))
     head_at: str = _key("none", _choice(("none", "before_hidden", "before_output")))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: ``momentum`` is SGD's; ``device = "cuda"`` is checked when the trial runs."""
 
+    SECTION: ClassVar[str] = "train"
+
     optimizer: str = _key("adam", _choice(("adam", "adamw", "sgd")))
-    lr: float = _key(1e-3, _real(0.0, open_low=True))
-    momentum: float = _key(0.9, _real(0.0, 1.0, open_high=True))
-    weight_decay: float = _key(0.0, _real(0.0))
+    lr: float = _key(1e-3, _number_in_range(0.0, open_low=True))
+    momentum: float = _key(0.9, _number_in_range(0.0, 1.0, open_high=True))
+    weight_decay: float = _key(0.0, _number_in_range(0.0))
     batch_size: int = _key(64, _integer(1))
     epochs: int = _key(10, _integer(1))
     device: str = _key("cpu", _choice(("cpu", "cuda")))
     dtype: str = _key("float32", _choice(("float32", "float64")))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -358,8 +404,13 @@ class AutoencoderConfig:
     """Sparse autoencoder (task ``autoencoding``): the code is the last block's output; the loss
     adds ``sparsity_weight`` × KL(ρ ‖ mean code activation) with ρ = ``sparsity``."""
 
-    sparsity: float = _key(0.05, _real(0.0, 1.0, open_low=True, open_high=True))
-    sparsity_weight: float = _key(0.0, _real(0.0))
+    SECTION: ClassVar[str] = "autoencoder"
+
+    sparsity: float = _key(0.05, _number_in_range(0.0, 1.0, open_low=True, open_high=True))
+    sparsity_weight: float = _key(0.0, _number_in_range(0.0))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -367,9 +418,14 @@ class MeasureConfig:
     """The end-of-trial measurements: test samples used for the per-BN variance shift and
     training samples used to re-estimate BN statistics with dropout off (``None`` = all)."""
 
+    SECTION: ClassVar[str] = "measure"
+
     shift_samples: int | None = _key(1000, _optional_size)
     recal_samples: int | None = _key(None, _optional_size)
     recalibrate: bool = _key(True, _boolean)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -415,20 +471,33 @@ def _unknown_key_problem(path: str) -> str:
     return f"{path}: unknown key{hint}"
 
 
-def _build_section(cls: type[T], name: str, values: Mapping[str, Any],
-                   problems: list[str]) -> T:
+def _section_values(cls: type[Any], name: str, values: Mapping[str, Any],
+                    problems: list[str]) -> dict[str, Any]:
+    """Every field of section ``cls``, checked: the canonical value, or for a missing or bad
+    value the default (``None`` for a required key) after appending the problem."""
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         path = f"{name}.{f.name}"
+        default = None if f.default is dataclasses.MISSING else f.default
         if f.name not in values:
-            if f.default is _REQUIRED:
+            if f.default is dataclasses.MISSING:
                 problems.append(f"{path}: required key missing")
-            kwargs[f.name] = f.default
+            kwargs[f.name] = default
             continue
         before = len(problems)
         checked = f.metadata["check"](values[f.name], path, problems)
-        kwargs[f.name] = checked if len(problems) == before else f.default
-    return cls(**kwargs)
+        kwargs[f.name] = checked if len(problems) == before else default
+    return kwargs
+
+
+def _unchecked(cls: type[T], values: Mapping[str, Any]) -> T:
+    """An instance built without validation, only so that the cross-key rules can run on a
+    configuration that already has problems (every problem is reported at once); it is never
+    returned to a caller."""
+    draft: T = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(draft, name, value)
+    return draft
 
 
 def _block_count(model: ModelConfig) -> int:
@@ -502,16 +571,14 @@ def _size_problems(model: ModelConfig) -> list[str]:
     return problems
 
 
-def _with_size_defaults(config: TrialConfig) -> TrialConfig:
+def _with_size_defaults(model: ModelConfig) -> ModelConfig:
     """Fill an absent ``depth``/``width_factor`` with the architecture's own (canonical form)."""
-    model = config.model
     arch = model.architecture
     depth = DEFAULT_DEPTH.get(arch) if model.depth is None else model.depth
     width = DEFAULT_WIDTH_FACTOR.get(arch) if model.width_factor is None else model.width_factor
     if (depth, width) == (model.depth, model.width_factor):
-        return config
-    return dataclasses.replace(config, model=dataclasses.replace(model, depth=depth,
-                                                                 width_factor=width))
+        return model
+    return dataclasses.replace(model, depth=depth, width_factor=width)
 
 
 def _order_sequence_problems(config: TrialConfig) -> list[str]:
@@ -576,7 +643,9 @@ def _autoencoder_problems(config: TrialConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """A complete, validated trial configuration; build it with :meth:`from_dict`."""
+    """A complete, validated trial configuration: build it with :meth:`from_dict`, or from its
+    sections (``TrialConfig(DataConfig("digits"), ModelConfig(widths=(8,)))``), which checks
+    the rules that involve several keys and fills the architecture's own depth and width."""
 
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -584,6 +653,17 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def __post_init__(self) -> None:
+        for name, section_cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, section_cls):
+                raise TypeError(f"TrialConfig.{name} must be a {section_cls.__name__}, got "
+                                f"{type(value).__name__}")
+        problems = _cross_checks(self, set())
+        if problems:
+            raise ConfigError(problems)
+        object.__setattr__(self, "model", _with_size_defaults(self.model))
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> TrialConfig:
@@ -593,7 +673,7 @@ class TrialConfig:
         """
         if not isinstance(mapping, Mapping):
             raise ConfigError([f"<config>: expected a table of sections, got "
-                               f"{_describe(mapping)}"])
+                               f"{_value_and_type(mapping)}"])
         problems: list[str] = []
         by_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
         known = set(_all_key_paths())
@@ -603,14 +683,14 @@ class TrialConfig:
                 by_section[section][key] = value
             else:
                 problems.append(_unknown_key_problem(path))
-        sections = {name: _build_section(section_cls, name, by_section[name], problems)
-                    for name, section_cls in _SECTIONS.items()}
-        config = cls(**sections)
-        bad = {split_problem(p)[0].split("[")[0] for p in problems}
-        problems += _cross_checks(config, bad)
+        values = {name: _section_values(section_cls, name, by_section[name], problems)
+                  for name, section_cls in _SECTIONS.items()}
         if problems:
-            raise ConfigError(problems)
-        return _with_size_defaults(config)
+            draft = _unchecked(cls, {name: _unchecked(_SECTIONS[name], section)
+                                     for name, section in values.items()})
+            bad = {split_problem(p)[0].split("[")[0] for p in problems}
+            raise ConfigError([*problems, *_cross_checks(draft, bad)])
+        return cls(**{name: _SECTIONS[name](**section) for name, section in values.items()})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every key of every section, canonical and JSON-serialisable (tuples become lists)."""

@@ -37,11 +37,20 @@ from varshift.lab.stats import (
     n_range,
     summarize_by,
 )
+from varshift.lab.store_schema import STATUSES
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["METRICS", "PLOT_NAMES", "ReportContext", "ReportPaths", "build_report", "write_report"]
+__all__ = [
+    "METRICS",
+    "PLOT_NAMES",
+    "ReportContext",
+    "ReportPaths",
+    "build_report",
+    "check_report_options",
+    "write_report",
+]
 
 #: The columns of the trials frame a report can compare arms on.
 METRICS = ("test_metric", "test_loss", "recal_test_metric", "recal_test_loss")
@@ -49,7 +58,6 @@ METRICS = ("test_metric", "test_loss", "recal_test_metric", "recal_test_loss")
 _PARTNER = {"test_metric": "recal_test_metric", "recal_test_metric": "test_metric",
             "test_loss": "recal_test_loss", "recal_test_loss": "test_loss"}
 PLOT_NAMES = ("metric.png", "curves.png", "shift.png")
-_STATUSES = ("done", "failed", "pending", "running")
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,17 @@ class ReportContext:
     reference_from: str = "stored with the study"
 
 
+def check_report_options(*, metric: str, target: float | None) -> None:
+    """Refuse, in one line, a ``metric`` a report cannot compare or a ``target`` that is not a
+    finite number. :func:`write_report` and :func:`build_report` call it before they read or
+    write anything, so a refused report leaves no file behind."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                               or not math.isfinite(target)):
+        raise ValueError(f"target must be a finite number, got {target!r}")
+
+
 def write_report(
     db_path: str | os.PathLike[str],
     study: str,
@@ -91,10 +110,12 @@ def write_report(
     database, else the built-in study's definition, else the first arm (the report says which).
     ``target`` adds a table of the epochs each arm needs to reach that test metric. Raises
     ``FileNotFoundError`` for a missing database and ``ValueError`` (one line) for an unknown
-    study, a study without trials or without done trials.
+    study, a study without trials or without done trials, an unknown ``metric`` and a
+    ``target`` that is not finite; nothing is written when it refuses.
     """
     from varshift.lab.store import ResultStore
 
+    check_report_options(metric=metric, target=target)
     with ResultStore(db_path, create=False) as store:
         frames = store.frames(study, preset)
         presets = [preset] if preset is not None else store.presets(study)
@@ -140,13 +161,12 @@ def build_report(
     used, with a note in the report. A reference without values of ``metric`` (all its trials
     failed) is replaced by the first arm that has some, also with a note.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    check_report_options(metric=metric, target=target)
     context = context or ReportContext()
     trials = frames["trials"]
     if trials.empty:
         raise ValueError(f"study {study!r} has no trials")
-    counts = {status: int((trials["status"] == status).sum()) for status in _STATUSES}
+    counts = {status: int((trials["status"] == status).sum()) for status in STATUSES}
     if counts["done"] == 0:
         raise ValueError(f"study {study!r} has no done trials yet ({_count_text(counts)}); "
                          "run it before reporting")
@@ -261,13 +281,12 @@ def _overview(study: str, context: ReportContext, panels: Sequence[tuple[str, Co
     if context.description:
         blocks.append(Text(context.description))
     better = "higher" if main.higher_is_better else "lower"
-    done_per_arm = trials[trials["status"] == "done"].groupby("arm").size().tolist()
     items = [f"preset: {context.preset}" if context.preset else "",
              f"results database: `{context.source}`" if context.source else "",
              f"metric: {panels[0][0]} (`{main.metric}`; {better} is better)",
              f"reference arm: {main.reference} ({where})",
              f"trials: {len(trials)} ({_count_text(counts)})",
-             f"arms: {trials['arm'].nunique()}; done trials per arm: {n_range(done_per_arm)}",
+             _done_per_arm_text(trials),
              _wall_time_text(trials)]
     blocks.append(Bullets(tuple(item for item in items if item)))
     warnings = [*notes, *main.warnings]
@@ -281,6 +300,21 @@ def _overview(study: str, context: ReportContext, panels: Sequence[tuple[str, Co
     if warnings:
         blocks.append(Bullets(tuple(warnings), kind="warning"))
     return blocks
+
+
+def _done_per_arm_text(trials: pd.DataFrame) -> str:
+    """The done trials per arm over every arm of the study, naming the arms that have none
+    (a partial run must not read as if every arm had data)."""
+    arms = list(dict.fromkeys(trials["arm"].tolist()))
+    done = trials[trials["status"] == "done"].groupby("arm").size()
+    per_arm = [int(done.get(arm, 0)) for arm in arms]
+    empty = [arm for arm, n in zip(arms, per_arm) if n == 0]
+    with_data = [n for n in per_arm if n > 0]
+    text = f"arms: {len(arms)}; done trials per arm: {n_range(with_data)}"
+    if empty:
+        listed = ", ".join(f"`{arm}`" for arm in empty)
+        text += f" ({len(empty)} {'arm has' if len(empty) == 1 else 'arms have'} none: {listed})"
+    return text
 
 
 def _wall_time_text(trials: pd.DataFrame) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["EpochRecord", "LayerShiftRecord", "TrialResult", "TrialStatus"]
+__all__ = ["EpochRecord", "LayerShiftRecord", "TrialResult", "TrialStatus", "one_line_reason"]
 
 TrialStatus = Literal["done", "failed"]
 
@@ -33,6 +33,10 @@ class EpochRecord:
 @dataclass(frozen=True)
 class LayerShiftRecord:
     """Variance shift measured at one BatchNorm layer of the trained model (test data).
+
+    ``depth`` is the layer's 0-based position among the model's BatchNorm layers in the order
+    the forward pass first calls them (0 = the first BatchNorm), as
+    :func:`varshift.diagnose.measure` numbers them.
 
     ``train_var`` / ``eval_var``: mean over channels of the BN input variance with dropout ON /
     OFF; ``running_var``: mean of the stored running variance; ``ratio``: mean over channels of
@@ -69,3 +73,22 @@ class TrialResult:
     error: str | None = None
     traceback: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def one_line_reason(error: str | None, limit: int | None = 200) -> str:
+    """A failed trial's error as one line for a progress or summary line: its non-empty lines
+    joined with ``"; "`` (a space after a line ending in ":"), so that a message whose details
+    follow a heading such as "invalid configuration (1 problem):" keeps them, cut to ``limit``
+    characters with "…" (``None``: never cut)."""
+    if limit is not None and limit < 2:
+        raise ValueError(f"limit must be >= 2 characters, got {limit}")
+    text = ""
+    for line in (error or "").splitlines():
+        line = " ".join(line.split())
+        if line:
+            # A heading ending in ":" runs on into its first detail.
+            text += (" " if text.endswith(":") else "; ") + line if text else line
+    text = text or "unknown error"
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit - 1].rstrip() + "…"

@@ -1,11 +1,13 @@
 """The driver: expand a study, record every cell, run what is left on a backend, write results.
 
-:func:`run_study` is the one writer of the results store. It holds the database's
-:class:`~varshift.lab.store.DriverLock` for the whole run, puts back to ``pending`` whatever a
-dead driver left ``running``, registers the study's cells (refusing a changed spec unless
-extending), then claims at most ``backend.capacity`` trials at a time and records each result
-in one transaction as it arrives. A crash therefore loses at most the trials in flight, and
-they run again on the next start; Ctrl-C cancels them and returns them to ``pending``.
+:func:`run_study` is the one writer of the results store. It checks every argument first (the
+backend, Ray's presence, the study and its seeds), so that a mistake leaves no database behind;
+then it holds the database's :class:`~varshift.lab.store.DriverLock` for the whole run, puts
+back to ``pending`` whatever a dead driver left ``running``, registers the study's cells
+(refusing a changed spec unless extending), claims at most ``backend.capacity`` trials at a
+time, counts an attempt when a worker really starts one, and records each result in one
+transaction as it arrives. A crash therefore loses at most the trials in flight, and they run
+again on the next start; Ctrl-C cancels them and returns them to ``pending``.
 """
 
 from __future__ import annotations
@@ -18,21 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from varshift.lab.backends import BACKENDS, TrialFn, TrialOutcome, TrialTask, make_backend
-from varshift.lab.store import ResultStore, StoredTrial, TrialLike
+from varshift.lab.backends import (
+    TrialFn,
+    TrialOutcome,
+    TrialTask,
+    check_backend,
+    make_backend,
+)
+from varshift.lab.results import one_line_reason
+from varshift.lab.store import ResultStore
+from varshift.lab.store_file import remove_database_files
+from varshift.lab.store_records import StoredTrial, TrialLike
+from varshift.lab.store_rows import check_cells
 
 if TYPE_CHECKING:
     from varshift.lab.backends import Backend
 
-__all__ = ["DEFAULT_DB", "RunSummary", "StudyLike", "run_study"]
+__all__ = ["DEFAULT_DB", "DEFAULT_MAX_ATTEMPTS", "RunSummary", "StudyLike", "run_study"]
 
 #: Where ``varshift lab run`` keeps results unless ``--db`` says otherwise: one file in the
 #: current directory, shared by every study (they are told apart by name).
 DEFAULT_DB = "varshift-lab.db"
 
-
-# How many times a trial may be started before a dying driver's leftovers are marked failed.
+#: How many times a trial may be started (a worker began it) before the driver dying during it
+#: once more marks it failed ("abandoned") instead of re-queueing it. ``varshift lab status``
+#: shows it beside :meth:`~varshift.lab.store.ResultStore.status_counts`.
 DEFAULT_MAX_ATTEMPTS = 3
+
 
 class StudyLike(Protocol):
     """What the driver needs of a study (:class:`varshift.lab.study.Study` satisfies it)."""
@@ -94,7 +108,7 @@ class RunSummary:
         )
 
 
-def _load(study: StudyLike | str | os.PathLike[str]) -> StudyLike:
+def _load_study(study: StudyLike | str | os.PathLike[str]) -> StudyLike:
     if isinstance(study, (str, os.PathLike)):
         from varshift.lab.study import load_study
 
@@ -115,7 +129,7 @@ def _spec_record(study: StudyLike, preset: str) -> dict[str, Any]:
     }
 
 
-def _say(message: str, bar: Any) -> None:
+def _print_above_bar(message: str, bar: Any) -> None:
     """Print a line on stderr without tearing the progress bar."""
     if bar is not None:
         bar.write(message, file=sys.stderr)
@@ -136,10 +150,9 @@ class _Progress:
             self.done += 1
         else:
             self.failed += 1
-            error = (outcome.result.error or "unknown error").strip().splitlines()
-            _say(
+            _print_above_bar(
                 f"trial {trial.id} failed: arm {trial.arm} seed {trial.seed}: "
-                f"{error[0] if error else 'unknown error'}",
+                f"{one_line_reason(outcome.result.error)}",
                 self.bar,
             )
         self.bar.set_postfix(failed=self.failed, refresh=False)
@@ -161,6 +174,7 @@ def _drive(
     while pending or in_flight:
         while pending and len(in_flight) < backend.capacity:
             trial, spec = pending.pop()
+            # Claimed, not yet an attempt: the backend's on_start counts it when it begins.
             if not store.claim(trial.id):  # only this driver writes, so this means a bug
                 raise RuntimeError(f"trial {trial.id} could not be claimed; is it pending?")
             in_flight[trial.id] = trial
@@ -199,67 +213,67 @@ def run_study(
     persistent processes) or ``"ray"`` (Ray tasks; ``ray_address`` joins a cluster, else a
     local one with ``workers`` CPUs is started and stopped). Done trials are skipped; failed ones
     re-run only with ``retry_failed``; a study whose spec changed is refused unless ``extend``
-    (new cells only). Trials a dead driver left running are re-queued, up to ``max_attempts``
-    claims each. ``trial_fn`` replaces :func:`varshift.lab.trial.run_trial` (tests). Ctrl-C
-    returns a summary with ``interrupted=True`` and the in-flight trials back to pending.
+    (new cells only). Trials a dead driver left running are re-queued, until one has been
+    started ``max_attempts`` times. ``trial_fn`` replaces :func:`varshift.lab.trial.run_trial`
+    (tests). Ctrl-C returns a summary with ``interrupted=True`` and the in-flight trials back
+    to pending.
+
+    Every argument, the backend's availability (Ray installed) and every cell of the study are
+    checked before the database is touched; a database file this call created is removed again
+    if the call fails before any trial was recorded.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if backend == "local" and workers != 1:
-        raise ValueError(f"the local backend runs one trial at a time; got workers={workers}")
-    loaded = _load(study)
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+    check_backend(backend, workers=workers, trial_fn=trial_fn, gpus_per_trial=gpus_per_trial)
+    loaded = _load_study(study)
     presets = list(loaded.presets)
     if preset not in presets:
         raise ValueError(
             f"study {loaded.name!r} has no preset {preset!r}; it has: {', '.join(presets)}"
         )
     specs = list(loaded.expand(preset))
+    check_cells(loaded.name, specs)
+    db = Path(db_path)
+    created = not db.exists()
     start = time.perf_counter()
-    with ResultStore(db_path) as store, store.lock():
-        requeued, abandoned = store.recover(max_attempts=max_attempts)
-        if requeued or abandoned:
-            print(
-                f"recovered {requeued} trials left running by a driver that died"
-                + (f"; {abandoned} failed after {max_attempts} attempts" if abandoned else ""),
-                file=sys.stderr,
-            )
-        store.register(
-            loaded.name,
-            preset,
-            loaded.spec_hash(preset),
-            _spec_record(loaded, preset),
-            specs,
-            extend=extend,
-        )
-        if retry_failed:
-            store.reset_failed(loaded.name, preset)
-        stored = {t.key: t for t in store.trials(loaded.name, preset)}
-        cells = [(stored[(s.config_hash, int(s.seed))], s) for s in specs]
-        queue = [(trial, spec) for trial, spec in cells if trial.status == "pending"]
-        before = _count_status(trial for trial, _ in cells)
-        interrupted = stopped_early = False
-        run = _Progress(bar=None)
-        if queue:
-            interrupted, stopped_early, run = _run_queue(
-                store,
-                queue,
-                name=f"{loaded.name} [{preset}]",
-                backend=backend,
-                workers=workers,
-                trial_fn=trial_fn,
-                data_dir=None if data_dir is None else os.fspath(data_dir),
-                ray_address=ray_address,
-                gpus_per_trial=gpus_per_trial,
-                fail_fast=fail_fast,
-                progress=progress,
-            )
-        counts = store.summary(loaded.name, preset)
+    run = _Progress(bar=None)
+    try:
+        with ResultStore(db) as store, store.lock():
+            requeued, abandoned = store.recover(max_attempts=max_attempts)
+            if requeued or abandoned:
+                print(
+                    f"recovered {requeued} trials left running by a driver that died"
+                    + (f"; {abandoned} failed after {max_attempts} attempts" if abandoned else ""),
+                    file=sys.stderr,
+                )
+            cells = _register(store, loaded, preset, specs, extend=extend, retry=retry_failed)
+            queue = [(trial, spec) for trial, spec in cells if trial.status == "pending"]
+            before = _count_status(trial for trial, _ in cells)
+            interrupted = stopped_early = False
+            if queue:
+                interrupted, stopped_early = _run_queue(
+                    store,
+                    queue,
+                    run,
+                    name=f"{loaded.name} [{preset}]",
+                    backend=backend,
+                    workers=workers,
+                    trial_fn=trial_fn,
+                    data_dir=None if data_dir is None else os.fspath(data_dir),
+                    ray_address=ray_address,
+                    gpus_per_trial=gpus_per_trial,
+                    fail_fast=fail_fast,
+                    progress=progress,
+                )
+            counts = store.summary(loaded.name, preset)
+    except BaseException:
+        if created and run.done + run.failed == 0:
+            _remove_new_database(db)
+        raise
     return RunSummary(
         study=loaded.name,
         preset=preset,
-        db_path=Path(db_path),
+        db_path=db,
         backend=backend,
         total=len(specs),
         done=run.done,
@@ -275,6 +289,34 @@ def run_study(
     )
 
 
+def _register(
+    store: ResultStore,
+    study: StudyLike,
+    preset: str,
+    specs: Sequence[TrialLike],
+    *,
+    extend: bool,
+    retry: bool,
+) -> list[tuple[StoredTrial, TrialLike]]:
+    """Record the preset's cells (re-queueing its failed trials if ``retry``) and return each
+    stored trial beside its spec, in the study's order."""
+    store.register(
+        study.name, preset, study.spec_hash(preset), _spec_record(study, preset), specs,
+        extend=extend,
+    )
+    if retry:
+        store.reset_failed(study.name, preset)
+    stored = {t.key: t for t in store.trials(study.name, preset)}
+    return [(stored[(s.config_hash, int(s.seed))], s) for s in specs]
+
+
+def _remove_new_database(db: Path) -> None:
+    """Remove a database (and its lock file) that this run created but could not use, so that
+    a failed first run leaves no empty file behind. The store and the lock are closed by now."""
+    remove_database_files(db)
+    Path(f"{db}.lock").unlink(missing_ok=True)
+
+
 def _count_status(trials: Iterable[StoredTrial]) -> Mapping[str, int]:
     counts: dict[str, int] = {}
     for trial in trials:
@@ -285,6 +327,7 @@ def _count_status(trials: Iterable[StoredTrial]) -> Mapping[str, int]:
 def _run_queue(
     store: ResultStore,
     queue: list[tuple[StoredTrial, TrialLike]],
+    run: _Progress,
     *,
     name: str,
     backend: str,
@@ -295,16 +338,16 @@ def _run_queue(
     gpus_per_trial: float,
     fail_fast: bool,
     progress: bool,
-) -> tuple[bool, bool, _Progress]:
-    """Start the backend (only now: Ray is started only when there is work), drive the queue,
-    and on any exit cancel what is in flight and return it to pending.
-    Returns ``(interrupted, stopped_early, progress)``."""
+) -> tuple[bool, bool]:
+    """Start the backend (only now: Ray is started only when there is work), drive the queue
+    (counting into ``run``), and on any exit cancel what is in flight and return it to pending.
+    Returns ``(interrupted, stopped_early)``."""
     from tqdm import tqdm
 
     in_flight: dict[int, StoredTrial] = {}
     interrupted = stopped_early = False
     bar = tqdm(total=len(queue), desc=name, unit="trial", file=sys.stderr, disable=not progress)
-    run = _Progress(bar=bar)
+    run.bar = bar
     engine: Backend | None = None
     try:
         engine = make_backend(
@@ -314,6 +357,7 @@ def _run_queue(
             data_dir=data_dir,
             ray_address=ray_address,
             gpus_per_trial=gpus_per_trial,
+            on_start=store.mark_started,
         )
         stopped_early = _drive(store, engine, queue, run, in_flight, fail_fast=fail_fast)
     except KeyboardInterrupt:
@@ -329,5 +373,5 @@ def _run_queue(
             store.release(in_flight)
             bar.close()
     if interrupted:
-        _say(f"interrupted: {len(in_flight)} running trials returned to pending", None)
-    return interrupted, stopped_early, run
+        _print_above_bar(f"interrupted: {len(in_flight)} running trials returned to pending", None)
+    return interrupted, stopped_early

@@ -2,7 +2,8 @@
 
 Everything here is a plain function of numbers (numpy arrays, or the lab's pandas frames for the
 two adapters :func:`compare_arms` and :func:`epochs_to_target`); the reports only format what it
-returns. The choices follow ``LAB.md`` ("Statistics for 5–10 seeds per arm"):
+returns. The choices follow the maintainers' design notes (``shared/LAB.md`` beside the
+repository, "Statistics for 5–10 seeds per arm"), summarised here:
 
 - **Per arm**: n, mean, standard deviation (``ddof=1``) and the 95% t-interval
   ``mean ± t(0.975, n−1)·s/√n``. With one value the interval is undefined (NaN, with a note).

@@ -12,12 +12,15 @@ device, so nothing is allocated). All problems are reported at once, each with i
 file (``presets.full.axes.model.order[3]: unknown layer token 'bnn'``).
 
 Expansion is the grid over the axes (in file order) times the seeds, seed-major: every arm's
-seed 0 comes before any seed 1, so a study stopped early still covers every arm.
+seed 0 comes before any seed 1, so a study stopped early still covers every arm. A preset may
+have at most :data:`MAX_TRIALS_PER_PRESET` trials, checked before anything is expanded, and
+seeds are integers in ``[0, MAX_SEED]`` (what the results database can store).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from varshift.lab.config import (
+    MAX_SEED,
     ConfigError,
     TrialConfig,
     canonical_hash,
@@ -44,9 +48,22 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["DEFAULT_PRESET", "METRICS", "Study", "TrialSpec", "builtin_studies", "load_study"]
+__all__ = [
+    "DEFAULT_PRESET",
+    "MAX_TRIALS_PER_PRESET",
+    "METRICS",
+    "Study",
+    "TrialSpec",
+    "builtin_studies",
+    "load_study",
+]
 
 DEFAULT_PRESET = "quick"
+#: The most trials (arms × seeds) one preset may have. Every cell is validated (its model
+#: built on the meta device) and registered in the results database before any trial runs,
+#: so a grid far beyond what anyone can train (``seeds = 10000000``) is refused at load time
+#: instead of hanging; the largest built-in preset has a few hundred.
+MAX_TRIALS_PER_PRESET = 10_000
 #: What a study compares arms on (keys of ``TrialResult.final``).
 METRICS = ("test_metric", "test_loss", "recal_test_metric", "recal_test_loss")
 _TOP_KEYS = ("study", "base", "axes", "presets")
@@ -165,6 +182,15 @@ class Study:
     def seeds(self, preset: str = DEFAULT_PRESET) -> list[int]:
         return list(self._preset(preset).seeds)
 
+    def shared_config(self, preset: str = DEFAULT_PRESET) -> dict[str, dict[str, Any]]:
+        """What every arm of ``preset`` shares, by section: each key of the resolved
+        configuration (defaults included, canonical values) that no axis changes."""
+        configs = {spec.config_hash: spec.config.to_dict() for spec in self._preset(preset).specs}
+        first, *others = configs.values()
+        return {section: {key: value for key, value in keys.items()
+                          if all(other[section][key] == value for other in others)}
+                for section, keys in first.items()}
+
     def spec(self, preset: str = DEFAULT_PRESET) -> dict[str, Any]:
         """The canonical expanded spec (JSON-serialisable): the axes and every (arm, config hash,
         seed) cell, sorted. Names, descriptions, the metric and the reference are left out:
@@ -263,15 +289,28 @@ def _unknown_keys(table: Mapping[str, Any], allowed: Sequence[str], prefix: str,
 
 
 def _seeds(value: Any, path: str, problems: list[str]) -> tuple[int, ...]:
-    """``n`` means seeds ``0 … n−1``; a list gives them explicitly (distinct, >= 0)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return tuple(range(value))
-    if (isinstance(value, list) and value
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
-            and len(set(value)) == len(value)):
+    """``n`` means seeds ``0 … n−1``; a list gives them explicitly (distinct, in
+    ``[0, MAX_SEED]``). Either way at most :data:`MAX_TRIALS_PER_PRESET` of them."""
+    expected = (f"expected a count in [1, {MAX_TRIALS_PER_PRESET}] or a list of distinct "
+                f"integers in [0, 2**63 - 1]")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= MAX_TRIALS_PER_PRESET:
+            return tuple(range(value))
+        problems.append(f"{path}: {expected}, got the count {value}")
+        return (0,)
+    if not isinstance(value, list) or not value:
+        problems.append(f"{path}: {expected}, got {value!r}")
+        return (0,)
+    bad = [s for s in value if isinstance(s, bool) or not isinstance(s, int)
+           or not 0 <= s <= MAX_SEED]
+    if bad:
+        problems.append(f"{path}: {expected}, got {bad[0]!r}")
+    elif len(set(value)) != len(value):
+        problems.append(f"{path}: {expected}, got a repeated seed in {value!r}")
+    elif len(value) > MAX_TRIALS_PER_PRESET:
+        problems.append(f"{path}: {expected}, got {len(value)} seeds")
+    else:
         return tuple(value)
-    problems.append(f"{path}: expected a count >= 1 or a list of distinct integers >= 0, "
-                    f"got {value!r}")
     return (0,)
 
 
@@ -377,6 +416,11 @@ def _parse_preset(name: str, table: Any, base: Mapping[str, tuple[Any, str]],
     labels = _axis_labels(merged_axes)
     ref_source = f"{where}.reference" if "reference" in table else "study.reference"
     ref_choice = _reference_choice(merged_reference, merged_axes, labels, ref_source, problems)
+    arms = math.prod(len(axis.values) for axis in merged_axes)
+    if arms * len(seeds) > MAX_TRIALS_PER_PRESET:
+        problems.append(f"{where}: {arms} arms x {len(seeds)} seeds = {arms * len(seeds)} "
+                        f"trials; a preset may have at most {MAX_TRIALS_PER_PRESET} trials")
+        return None
     specs = _expand(where, merged_base, merged_axes, labels, seeds, problems)
     if len(problems) > before:
         return None

@@ -39,7 +39,7 @@ from varshift.diagnose import lint, measure
 from varshift.fix import recalibrate_bn
 from varshift.lab.config import ConfigError, TrialConfig, per_block, resolve_task
 from varshift.lab.models import SparseAutoencoder, build_model
-from varshift.lab.results import EpochRecord, LayerShiftRecord, TrialResult
+from varshift.lab.results import EpochRecord, LayerShiftRecord, TrialResult, one_line_reason
 from varshift.layers import DropBlock2d, DropBlockScheduler
 
 __all__ = ["clear_data_cache", "load_trial_data", "run_trial"]
@@ -232,7 +232,7 @@ def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
-def _batches(x: Tensor, limit: int | None) -> list[Tensor]:
+def _eval_batches(x: Tensor, limit: int | None) -> list[Tensor]:
     x = x if limit is None else x[:limit]
     return [x[start:start + EVAL_BATCH] for start in range(0, len(x), EVAL_BATCH)]
 
@@ -240,7 +240,7 @@ def _batches(x: Tensor, limit: int | None) -> list[Tensor]:
 def _layer_shift(model: nn.Module, x_test: Tensor,
                  samples: int | None) -> tuple[LayerShiftRecord, ...]:
     """Per-BatchNorm variance shift of the trained model on test inputs (dropout on vs off)."""
-    batches = _batches(x_test, samples)
+    batches = _eval_batches(x_test, samples)
     report = measure(model, batches, recalibrate=False, progress=False)
     predicted = _predicted_shift(model, batches[0])
     return tuple(
@@ -254,16 +254,11 @@ def _layer_shift(model: nn.Module, x_test: Tensor,
 
 
 def _predicted_shift(model: nn.Module, example: Tensor) -> dict[str, float]:
-    """The shift :func:`varshift.diagnose.lint` predicts at each BatchNorm fed by noise, from the
-    moments of the noise layer's input on ``example``. It is the *local* shift (the noise right
-    above that BatchNorm alone); the measured ratio also carries whatever upstream noise did.
-    A BatchNorm fed by several noise layers gets the strongest (smallest) prediction."""
-    predicted: dict[str, float] = {}
-    for finding in lint(model, example_inputs=example).findings:
-        if finding.predicted_shift is not None:
-            previous = predicted.get(finding.bn, finding.predicted_shift)
-            predicted[finding.bn] = min(previous, finding.predicted_shift)
-    return predicted
+    """The shift :func:`varshift.diagnose.lint` predicts at each BatchNorm fed by noise, on
+    ``example``: one combined prediction per BatchNorm with all its noise on (exact through a
+    linear path, a Monte Carlo estimate otherwise), as the measured ratio sees it."""
+    predictions = lint(model, example_inputs=example).predictions
+    return {bn: p.shift for bn, p in predictions.items() if p.shift is not None}
 
 
 def _recalibrated(trainer: _Trainer) -> dict[str, float]:
@@ -271,7 +266,7 @@ def _recalibrated(trainer: _Trainer) -> dict[str, float]:
     training inputs with dropout off."""
     model = copy.deepcopy(trainer.model)
     samples = trainer.config.measure.recal_samples
-    recalibrate_bn(model, _batches(trainer.data.x_train, samples), keep_noise=False,
+    recalibrate_bn(model, _eval_batches(trainer.data.x_train, samples), keep_noise=False,
                    progress=False)
     return {f"recal_{key}": value for key, value in trainer.evaluate(model).items()}
 
@@ -345,7 +340,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], seed: int, *,
             model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
             meta["parameters"] = sum(p.numel() for p in model.parameters())
             trainer = _Trainer(cfg, task, model, tensors, seed)
-            final = _train(trainer, epochs, meta)
+            final = _train_epochs(trainer, epochs, meta)
             shift = _measure(trainer, final, meta)
         except ConfigError:
             raise
@@ -353,14 +348,16 @@ def run_trial(config: TrialConfig | Mapping[str, Any], seed: int, *,
             return TrialResult(
                 status="failed", metric_name=metric_name, higher_is_better=higher,
                 wall_time_s=time.perf_counter() - started, epochs=tuple(epochs),
-                error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                error=one_line_reason(f"{type(exc).__name__}: {exc}", limit=None),
                 traceback=traceback.format_exc(), meta=meta)
     return TrialResult(status="done", metric_name=metric_name, higher_is_better=higher,
                        wall_time_s=time.perf_counter() - started, epochs=tuple(epochs),
                        final=final, layer_shift=shift, meta=meta)
 
 
-def _train(trainer: _Trainer, epochs: list[EpochRecord], meta: dict[str, Any]) -> dict[str, float]:
+def _train_epochs(
+    trainer: _Trainer, epochs: list[EpochRecord], meta: dict[str, Any]
+) -> dict[str, float]:
     """Run every epoch, appending its record; the last epoch's figures."""
     start = time.perf_counter()
     final: dict[str, float] = {}

@@ -48,18 +48,15 @@ from varshift.layers.registry import (
     register_stochastic_function,
     spec_from_call,
 )
+from varshift.theory.checks import (
+    DROP_PROBABILITY,
+    check_bool,
+    check_floating,
+    check_int,
+    check_real,
+)
 
 __all__ = ["DropBlock2d", "DropBlockScheduler", "drop_block_2d", "drop_block_schedule"]
-
-
-def _check_probability(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-
-
-def _check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
 def _seed_rate(p: float, block_size: int) -> float:
@@ -113,13 +110,20 @@ def drop_block_2d(
 
     Returns:
         ``Tensor[N, C, H, W]``, same dtype and device as ``x``; ``x`` itself when ``training`` is
-        ``False`` or ``p == 0``.
+        ``False``, ``p == 0`` or ``x`` is empty.
+
+    Raises:
+        ValueError: ``p`` or ``block_size`` out of range, ``x`` not 4-D.
+        TypeError: ``p`` not a real number, ``block_size`` not an integer, ``shared_channels``
+            not a bool, ``x`` not a floating-point tensor.
     """
-    _check_probability("p", p)
-    _check_block_size(block_size)
+    p = check_real("p", p, DROP_PROBABILITY)
+    block_size = check_int("block_size", block_size, low=1)
+    check_bool("shared_channels", shared_channels)
+    check_floating("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be a 4-D Tensor[N, C, H, W], got shape {tuple(x.shape)}")
-    if not training or p == 0.0:
+    if not training or p == 0.0 or x.numel() == 0:  # an empty map has nothing to drop
         return x
     n, c, h, w = x.shape
     seed_shape = (n, 1 if shared_channels else c, h + block_size - 1, w + block_size - 1)
@@ -148,12 +152,10 @@ def drop_block_schedule(
         end_p: drop probability from ``total_steps`` on, in ``[0, 1)``.
         total_steps: length of the ramp, an int ``>= 1``.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    _check_probability("start_p", start_p)
-    _check_probability("end_p", end_p)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    step = check_int("step", step, low=0)
+    start_p = check_real("start_p", start_p, DROP_PROBABILITY)
+    end_p = check_real("end_p", end_p, DROP_PROBABILITY)
+    total_steps = check_int("total_steps", total_steps, low=1)
     fraction = min(step, total_steps) / total_steps
     return float(start_p + (end_p - start_p) * fraction)
 
@@ -167,11 +169,9 @@ class DropBlock2d(nn.Module):
 
     def __init__(self, p: float = 0.1, block_size: int = 7, *, shared_channels: bool = False):
         super().__init__()
-        _check_probability("p", p)
-        _check_block_size(block_size)
-        self.p = float(p)
-        self.block_size = block_size
-        self.shared_channels = shared_channels
+        self.p = check_real("p", p, DROP_PROBABILITY)
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.shared_channels = check_bool("shared_channels", shared_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_block_2d(
@@ -220,13 +220,15 @@ class DropBlockScheduler:
                         f"modules_or_model must hold only DropBlock2d, got {type(item).__name__}"
                     )
         if not blocks:
-            raise ValueError("modules_or_model contains no DropBlock2d to schedule")
+            raise ValueError(
+                "modules_or_model must contain at least one DropBlock2d to schedule, got none"
+            )
         self.modules: list[DropBlock2d] = blocks
         self.start_p = float(start_p)
         self.end_p = float(end_p)
         self.total_steps = total_steps
         self.last_step = 0
-        self._apply()
+        self._set_p_on_modules()
 
     @property
     def p(self) -> float:
@@ -235,7 +237,7 @@ class DropBlockScheduler:
             self.last_step, start_p=self.start_p, end_p=self.end_p, total_steps=self.total_steps
         )
 
-    def _apply(self) -> None:
+    def _set_p_on_modules(self) -> None:
         p = self.p
         for module in self.modules:
             module.p = p
@@ -243,7 +245,7 @@ class DropBlockScheduler:
     def step(self) -> None:
         """Advance one step and set the new ``p`` on every scheduled module."""
         self.last_step += 1
-        self._apply()
+        self._set_p_on_modules()
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter and ramp settings (the modules are not part of the state)."""
@@ -258,7 +260,10 @@ class DropBlockScheduler:
         """Restore a :meth:`state_dict` and set the ``p`` of its step on every module."""
         missing = {"last_step", "start_p", "end_p", "total_steps"} - set(state_dict)
         if missing:
-            raise ValueError(f"state_dict is missing keys {sorted(missing)}")
+            raise ValueError(
+                f"state_dict must hold last_step, start_p, end_p and total_steps, got it missing "
+                f"keys {sorted(missing)}"
+            )
         # Validate the whole state before changing anything, so a bad one leaves self intact.
         drop_block_schedule(
             state_dict["last_step"],
@@ -270,7 +275,7 @@ class DropBlockScheduler:
         self.start_p = float(state_dict["start_p"])
         self.end_p = float(state_dict["end_p"])
         self.total_steps = int(state_dict["total_steps"])
-        self._apply()
+        self._set_p_on_modules()
 
     def __repr__(self) -> str:
         return (

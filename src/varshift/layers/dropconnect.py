@@ -49,6 +49,7 @@ from varshift.layers.registry import (
     register_stochastic_function,
     spec_from_call,
 )
+from varshift.theory.checks import DROP_PROBABILITY, check_bool, check_floating, check_real
 
 __all__ = [
     "DropConnectConv2d",
@@ -61,12 +62,6 @@ __all__ = [
 _IntOr2 = int | tuple[int, int]
 _PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 _DropConnectT = TypeVar("_DropConnectT", "DropConnectLinear", "DropConnectConv2d")
-
-
-def _check_p(p: float) -> None:
-    # p = 1 would divide by zero in the inverted scaling.
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be a float in [0, 1), got {p!r}")
 
 
 def _masked_weight(
@@ -118,7 +113,9 @@ def drop_connect_linear(
         ``Tensor[*, out]``. For fixed ``x``: ``E[y] = F.linear(x, weight, bias)`` and
         ``Var[y] = p / (1 − p) · F.linear(x², weight²)``.
     """
-    _check_p(p)
+    p = check_real("p", p, DROP_PROBABILITY)
+    check_bool("per_sample", per_sample)
+    check_floating("x", x)
     if not training or p == 0.0:
         return F.linear(x, weight, bias)
     if not per_sample:
@@ -167,7 +164,9 @@ def drop_connect_conv2d(
         ``Tensor[N, C_out, H_out, W_out]``. For fixed ``x``: ``E[y]`` is the plain convolution and
         ``Var[y] = p / (1 − p) · conv2d(x², weight²)`` (no bias, same geometry).
     """
-    _check_p(p)
+    p = check_real("p", p, DROP_PROBABILITY)
+    check_bool("per_sample", per_sample)
+    check_floating("x", x)
     if not training or p == 0.0:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if not per_sample:
@@ -206,7 +205,8 @@ class DropConnectLinear(nn.Linear):
         *,
         per_sample: bool = False,
     ) -> None:
-        _check_p(p)
+        p = check_real("p", p, DROP_PROBABILITY)
+        check_bool("per_sample", per_sample)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.p = float(p)
         self.per_sample = per_sample
@@ -264,7 +264,8 @@ class DropConnectConv2d(nn.Conv2d):
         p: float = 0.5,
         per_sample: bool = False,
     ) -> None:
-        _check_p(p)
+        p = check_real("p", p, DROP_PROBABILITY)
+        check_bool("per_sample", per_sample)
         super().__init__(
             in_channels,
             out_channels,
@@ -334,7 +335,7 @@ class DropConnectConv2d(nn.Conv2d):
 
 def _check_source(layer: nn.Module, expected: type[nn.Module], p: float) -> None:
     """What ``from_module`` refuses: a bad ``p``, another layer type, lazy parameters."""
-    _check_p(p)
+    check_real("p", p, DROP_PROBABILITY)
     if not isinstance(layer, expected):
         raise TypeError(f"layer must be an nn.{expected.__name__}, got {type(layer).__name__}")
     if any(isinstance(t, nn.parameter.UninitializedParameter) for t in layer.parameters()):
@@ -389,7 +390,9 @@ def convert_to_dropconnect(
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
     """
-    _check_p(p)
+    check_real("p", p, DROP_PROBABILITY)
+    check_bool("inplace", inplace)
+    check_bool("per_sample", per_sample)
     types = tuple(types)
     for kind in types:
         if not (isinstance(kind, type) and issubclass(kind, (nn.Linear, nn.Conv2d))):
@@ -426,7 +429,7 @@ def convert_to_dropconnect(
 _BERNOULLI_CALL = spec_from_call("bernoulli")
 
 
-def _call_spec(fn: Callable[..., Tensor]) -> CallSpecFn:
+def _drop_connect_call_spec(fn: Callable[..., Tensor]) -> CallSpecFn:
     """Registry spec of one recorded call of ``fn``: Bernoulli with the call's ``p`` (see the
     module docstring), none when ``training`` is ``False``."""
     signature = inspect.signature(fn)
@@ -442,12 +445,12 @@ def _call_spec(fn: Callable[..., Tensor]) -> CallSpecFn:
     return spec_fn
 
 
-def _module_spec(module: nn.Module) -> NoiseSpec | None:
+def _drop_connect_module_spec(module: nn.Module) -> NoiseSpec | None:
     assert isinstance(module, (DropConnectLinear, DropConnectConv2d))
     return bernoulli_spec(module.p)
 
 
-register_stochastic(DropConnectLinear, _module_spec)
-register_stochastic(DropConnectConv2d, _module_spec)
-register_stochastic_function(drop_connect_linear, _call_spec(drop_connect_linear))
-register_stochastic_function(drop_connect_conv2d, _call_spec(drop_connect_conv2d))
+register_stochastic(DropConnectLinear, _drop_connect_module_spec)
+register_stochastic(DropConnectConv2d, _drop_connect_module_spec)
+register_stochastic_function(drop_connect_linear, _drop_connect_call_spec(drop_connect_linear))
+register_stochastic_function(drop_connect_conv2d, _drop_connect_call_spec(drop_connect_conv2d))

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd  # the base holding `p` for nn.Dropout*
 
 from varshift.theory import noise_variance
+from varshift.theory.checks import check_real
 
 __all__ = [
     "CallSpecFn",
@@ -84,7 +85,9 @@ class NoiseSpec:
             raise ValueError(f"kind must be a non-empty noise-kind name, got {self.kind!r}")
         if not isinstance(self.params, Mapping):
             raise TypeError(f"params must be a mapping of name to number, got {self.params!r}")
-        frozen = MappingProxyType({name: _as_float(name, v) for name, v in self.params.items()})
+        frozen = MappingProxyType(
+            {name: check_real(f"params[{name!r}]", v) for name, v in self.params.items()}
+        )
         # The dataclass is frozen; this is the one sanctioned write, in the constructor.
         object.__setattr__(self, "params", frozen)
         self.variance()  # theory refuses unknown kinds, wrong parameters, values out of range
@@ -98,13 +101,6 @@ class NoiseSpec:
 
     def __repr__(self) -> str:
         return f"NoiseSpec(kind={self.kind!r}, params={dict(self.params)!r})"
-
-
-def _as_float(name: str, value: object) -> float:
-    # bool is an int subclass; a True/False strength is a bug, not a number.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"params[{name!r}] must be a real number, got {value!r}")
-    return float(value)
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)

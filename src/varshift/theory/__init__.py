@@ -9,6 +9,9 @@ ratio ``Δ = Var_test / Var_train`` is the variance shift.
 - :mod:`~varshift.theory.shift`: the closed-form shift (direct, and after a linear unit).
 - :mod:`~varshift.theory.montecarlo`: a Monte Carlo estimate to check the formula against.
 - :mod:`~varshift.theory.depth`: the shift at every BN of a deep noisy stack.
+- :mod:`~varshift.theory.checks`: the argument checks every theory function and every noise
+  layer of :mod:`varshift.layers` validates through (one message form, ``TypeError`` for the
+  wrong type, ``ValueError`` for a value out of range or not finite).
 
 This package imports nothing else of varshift; the closed-form functions use floats and numpy.
 """

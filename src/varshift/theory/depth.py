@@ -20,7 +20,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from varshift.theory._checks import check_int
+from varshift.theory import montecarlo
+from varshift.theory.checks import check_int
 from varshift.theory.draws import aligned_weights, correlated_inputs
 from varshift.theory.noise import noise_variance, sample_noise
 from varshift.theory.shift import check_unit
@@ -133,7 +134,8 @@ def simulate_depth(
         kind, **params: noise kind and its parameters (``p`` or ``beta``).
         rho: correlation between the input units, in ``[−1/(d − 1), 1]``.
         cos2: ``cos²θ`` of every weight row, in ``[0, 1]`` (1 when ``d = 1``), or ``None``.
-        samples: total samples, at least ``16 × blocks``.
+        samples: total samples, at least ``16 × blocks``; runs that would need more memory than
+            :data:`varshift.theory.montecarlo.MAX_SIMULATION_BYTES` are refused.
         blocks: replicate blocks, ``≥ 2``.
         seed: seed of the one ``torch.Generator`` every draw comes from, ``≥ 0``.
 
@@ -146,6 +148,12 @@ def simulate_depth(
     blocks = check_int("blocks", blocks, low=2)
     samples = check_int("samples", samples, low=16 * blocks)
     seed = check_int("seed", seed, low=0)
+    # The inputs with their draws and the activations of one block (about 4 copies of the
+    # inputs at once), plus the weights.
+    montecarlo.check_memory(
+        "the inputs and weights", samples,
+        per_sample=4 * d, fixed=depth * d * d, limit=montecarlo.MAX_SIMULATION_BYTES,
+    )
 
     generator = torch.Generator().manual_seed(seed)
     weights = [aligned_weights(d, d, cos2=cos2, generator=generator) for _ in range(depth)]
@@ -159,9 +167,11 @@ def simulate_depth(
     size_tensor = torch.tensor(sizes, dtype=torch.float64)
     shift, shift_stderr = _weighted_mean_and_stderr(torch.stack(compounded), size_tensor)
     local_mean, local_stderr = _weighted_mean_and_stderr(torch.stack(local), size_tensor)
-    if not (np.isfinite(shift).all() and np.isfinite(local_mean).all()):
+    results = (shift, shift_stderr, local_mean, local_stderr)
+    if not all(np.isfinite(values).all() for values in results):
         raise ValueError(
-            "the simulation produced a non-finite shift (a constant unit has zero variance); "
-            f"try another seed, more samples or other cos2/rho; got cos2={cos2!r}, rho={rho!r}"
+            "cos2 and rho must leave every unit some variance in training (the simulation gave "
+            "a non-finite shift: a constant unit has zero variance; try another seed, more "
+            f"samples or other cos2/rho), got cos2={cos2!r}, rho={rho!r}"
         )
     return DepthProfile(depth, d, shift, shift_stderr, local_mean, local_stderr, samples, blocks)

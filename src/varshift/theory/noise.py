@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from varshift.theory._checks import Interval, check_real
+from varshift.theory.checks import DROP_PROBABILITY, UOUT_HALF_WIDTH, check_real
 
 __all__ = [
     "NoiseSampler",
@@ -122,12 +122,12 @@ def register_noise_kind(
     """
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise ValueError(
-            f"name must be a non-empty string without surrounding spaces; got {name!r}"
+            f"name must be a non-empty string without surrounding spaces, got {name!r}"
         )
     if not callable(fn):
-        raise ValueError(f"fn must be callable (params -> noise variance); got {fn!r}")
+        raise ValueError(f"fn must be callable (params -> noise variance), got {fn!r}")
     if sampler is not None and not callable(sampler):
-        raise ValueError(f"sampler must be callable or None; got {sampler!r}")
+        raise ValueError(f"sampler must be callable or None, got {sampler!r}")
     required, optional, open_ended = _inspect_parameters(name, fn)
     entry = _NoiseKind(fn, sampler, required, optional, open_ended)
     existing = _KINDS.get(name)
@@ -143,7 +143,7 @@ def noise_kinds() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
-def _lookup(kind: str, params: dict[str, Any]) -> _NoiseKind:
+def _registered_kind(kind: str, params: dict[str, Any]) -> _NoiseKind:
     """The registered kind, after checking that ``params`` names exactly its parameters."""
     entry = _KINDS.get(kind) if isinstance(kind, str) else None
     if entry is None:
@@ -178,16 +178,17 @@ def noise_variance(kind: str, **params: Any) -> float:
     Raises:
         ValueError: unknown kind (the message lists the known ones), missing or unexpected
             parameters, values out of range (``p = 1`` is refused: ``1/(1 − p)`` is infinite).
+        TypeError: a parameter that is not a real number (a bool, a string, a tensor).
 
     >>> noise_variance("bernoulli", p=0.5), noise_variance("uout", beta=0.3)
     (1.0, 0.03)
     """
-    entry = _lookup(kind, params)
+    entry = _registered_kind(kind, params)
     value = entry.variance(**params)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(
-            f"the variance function of noise kind {kind!r} returned {value!r}; "
-            "a noise variance must be a finite number >= 0"
+            f"the noise variance of kind {kind!r} must be a finite number >= 0, got {value!r} "
+            "from its variance function"
         )
     return float(value)
 
@@ -216,21 +217,15 @@ def sample_noise(
     return sampler(like, generator, **params)
 
 
-_DROP_PROBABILITY = Interval(
-    0.0, 1.0, high_open=True, why="the drop probability; p = 1 makes the scale 1/(1 - p) infinite"
-)
-_UOUT_HALF_WIDTH = Interval(0.0, 1.0, why="the half-width of the uniform noise")
-
-
 def _inverted_dropout_variance(p: float) -> float:
     """``σ² = p / (1 − p)`` of inverted dropout (Bernoulli, or Gaussian with the same variance)."""
-    p = check_real("p", p, _DROP_PROBABILITY)
+    p = check_real("p", p, DROP_PROBABILITY)
     return p / (1.0 - p)
 
 
 def _uout_variance(beta: float) -> float:
     """``σ² = β² / 3``: the variance of ``U(−β, β)`` (Li et al. 2019, Uout)."""
-    beta = check_real("beta", beta, _UOUT_HALF_WIDTH)
+    beta = check_real("beta", beta, UOUT_HALF_WIDTH)
     return beta * beta / 3.0
 
 

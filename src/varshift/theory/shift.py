@@ -27,7 +27,7 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from varshift.theory._checks import Interval, check_int, check_real, check_reals, is_close_to
+from varshift.theory.checks import Interval, check_int, check_real, check_reals, is_close_to
 from varshift.theory.noise import noise_variance
 
 __all__ = [
@@ -78,7 +78,7 @@ def check_cos2(cos2: Any, width: int) -> FloatArray:
     if width == 1 and not all(is_close_to(float(value), 1.0) for value in values.flat):
         raise ValueError(
             f"cos2 must be 1 when width is 1 (a single weight is parallel to the all-ones "
-            f"vector); got {cos2!r}"
+            f"vector), got {cos2!r}"
         )
     return values
 
@@ -115,7 +115,7 @@ def _shift_parts(
         if cos2 is not None or rho is not None:
             raise ValueError(
                 "cos2 and rho describe the linear unit after the noise and need width (its "
-                f"fan-in); got width=None, cos2={cos2!r}, rho={rho!r}"
+                f"fan-in), got width=None, cos2={cos2!r}, rho={rho!r}"
             )
         shared: FloatArray = np.zeros(())
         scalar = c.ndim == 0 and v.ndim == 0
@@ -124,21 +124,43 @@ def _shift_parts(
         if cos2 is None or rho is None:
             raise ValueError(
                 f"width={d} needs both cos2 and rho (use cos2=1/width for random weights, "
-                f"rho=0 for independent inputs); got cos2={cos2!r}, rho={rho!r}"
+                f"rho=0 for independent inputs), got cos2={cos2!r}, rho={rho!r}"
             )
         cos2_values = check_cos2(cos2, d)
         rho_values = check_correlation(rho, d)
-        # The covariance between inputs survives the noise unchanged, so it adds to both modes.
-        shared = v * rho_values * (d * cos2_values - 1.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            # The covariance between inputs survives the noise unchanged: it adds to both modes.
+            shared = v * rho_values * (d * cos2_values - 1.0)
         scalar = all(a.ndim == 0 for a in (c, v, cos2_values, rho_values))
-    # Rounding at the edge of the valid correlation range may leave a tiny negative variance.
-    test = np.maximum(v + shared, 0.0)
-    train = test + sigma2 * (c * c + v)
-    # train >= σ² v > 0 whenever σ² > 0; without noise both modes agree and there is no shift.
-    shift = test / train if sigma2 > 0.0 else np.ones_like(train)
+    # Overflow is checked once, on the results, instead of letting numpy warn on the way.
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Rounding at the edge of the valid correlation range may leave a tiny negative variance.
+        test = np.maximum(v + shared, 0.0)
+        train = test + sigma2 * (c * c + v)
+    _refuse_overflow(train, c, v)
+    # train ≥ test, so the ratio is in [0, 1]. train = 0 only when both modes have no variance
+    # at all (no noise, or a noise variance so small that it underflows): then there is no
+    # shift either.
+    shift = np.divide(test, train, out=np.ones_like(train), where=train > 0.0)
     if scalar:
         return ShiftParts(sigma2, float(train), float(test), float(shift))
     return ShiftParts(sigma2, np.asarray(train), np.asarray(test), np.asarray(shift))
+
+
+def _refuse_overflow(train: FloatArray, mean: FloatArray, var: FloatArray) -> None:
+    """``ValueError`` when the training variance ``v + σ²(c² + v) [+ shared]`` is beyond float64
+    (``c²`` overflows from ``|c| ≈ 1.3e154`` on), instead of a silent ``Δ = 0`` or NaN; the
+    message quotes the moments of the first unit that overflows."""
+    overflow = ~np.isfinite(train)
+    if not overflow.any():
+        return
+    index = tuple(int(i) for i in np.argwhere(overflow)[0])
+    c, v = (float(np.broadcast_to(a, train.shape)[index]) for a in (mean, var))
+    where = f" at index {index}" if index else ""
+    raise ValueError(
+        "mean and var must keep the training variance v + sigma^2 (c^2 + v) within float64 "
+        f"(about 1.8e308; c^2 overflows from |c| = 1.3e154 on), got mean={c!r}, var={v!r}{where}"
+    )
 
 
 def shift_parts(
@@ -177,7 +199,10 @@ def shift_parts(
 
     Raises:
         ValueError: bad kind or parameters, non-finite moments, ``var ≤ 0``, ``width`` without
-            ``cos2``/``rho`` (or the converse), values out of range.
+            ``cos2``/``rho`` (or the converse), values out of range, moments so large that the
+            training variance overflows float64.
+        TypeError: an argument that is not a (real) number: a string, a bool, ``None`` where a
+            number is required.
     """
     sigma2 = noise_variance(kind, **params)
     return _shift_parts(sigma2, mean, var, width, cos2, rho)

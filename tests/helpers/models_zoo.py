@@ -1,7 +1,7 @@
 """Small versions of common architectures, for tests that need a real model (lint, measure, fix).
 
-Import as ``from models_zoo import ...`` (pytest puts ``tests/`` on ``sys.path``). Every model
-is tiny (a few thousand parameters) and takes the input of :attr:`ZooCase.example`.
+Import as ``from helpers.models_zoo import ...`` (pytest puts ``tests/`` on ``sys.path``). Every
+model is tiny (a few thousand parameters) and takes the input of :attr:`ZooCase.example`.
 :data:`ZOO` lists them with the BatchNorm layers that sit downstream of noise with no other
 normalization in between, i.e. the layers that suffer the variance shift (Li et al., CVPR 2019).
 """

@@ -1,0 +1,191 @@
+"""The predicted shifts of :func:`varshift.diagnose.lint` when it has example inputs: lint's
+stochastic nodes become :class:`~varshift.diagnose.noise_montecarlo.NoiseSource` records, and
+:func:`~varshift.diagnose.noise_moments.predict_on_trace` predicts on the graph lint traced
+(no second trace, the same node names): in closed form where the path from a source to its
+BatchNorm is linear, by Monte Carlo otherwise.
+
+Which elements share one mask is not part of a :class:`~varshift.layers.registry.NoiseSpec`
+(theory's per-unit formulas do not need it); this module keeps that fact
+(:func:`register_noise_grouping`, :func:`noise_grouping`): element-wise unless said otherwise,
+per channel for torch's ``Dropout1d/2d/3d``, ``"structured"`` (Monte Carlo only) for
+DropBlock, whose blocks no grouping describes, and DropConnect, whose masks are on the weights.
+A per-sample layer (stochastic depth, DropPath) is registered here with ``"sample"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from varshift.diagnose.bn_stats import batch_norms as bn_layers
+from varshift.diagnose.graph import DataflowGraph
+from varshift.diagnose.noise_moments import ShiftPrediction, predict_on_trace, predict_shifts
+from varshift.diagnose.noise_montecarlo import Grouping, NoiseSource
+from varshift.diagnose.roles import Role
+from varshift.layers.dropblock import DropBlock2d, drop_block_2d
+from varshift.layers.dropconnect import (
+    DropConnectConv2d,
+    DropConnectLinear,
+    drop_connect_conv2d,
+    drop_connect_linear,
+)
+
+__all__ = ["DataPredictions", "noise_grouping", "predict_findings", "register_noise_grouping"]
+
+_GROUPING_NAMES: tuple[Grouping, ...] = ("element", "channel", "sample", "structured")
+_CHANNEL_WISE: tuple[object, ...] = (
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    torch.feature_dropout,
+    torch.feature_dropout_,
+)
+_STRUCTURED: tuple[object, ...] = (
+    DropBlock2d,
+    drop_block_2d,
+    DropConnectLinear,
+    DropConnectConv2d,
+    drop_connect_linear,
+    drop_connect_conv2d,
+)
+_GROUPINGS: dict[object, Grouping] = {
+    **dict.fromkeys(_CHANNEL_WISE, "channel"),
+    **dict.fromkeys(_STRUCTURED, "structured"),
+}
+_DRAWS = 32  # Monte Carlo forwards where a path is not linear
+_SEED = 0  # lint is deterministic: the same masks on every call
+
+
+def register_noise_grouping(
+    target: type[nn.Module] | Callable[..., Any], grouping: Grouping
+) -> None:
+    """Declare which elements share one mask in the noise of a stochastic module class (and its
+    subclasses) or function: ``"element"``, ``"channel"`` (each (sample, channel)),
+    ``"sample"`` (stochastic depth) or ``"structured"`` (predicted by Monte Carlo only)."""
+    if grouping not in _GROUPING_NAMES:
+        raise ValueError(f"grouping must be one of {_GROUPING_NAMES}, got {grouping!r}")
+    if not callable(target):
+        raise TypeError(f"target must be a module class or a function, got {target!r}")
+    _GROUPINGS[target] = grouping
+
+
+def noise_grouping(target: object) -> Grouping:
+    """The grouping of a module (its class's, the most specific registered class in its MRO)
+    or of a function; ``"element"`` when none is registered."""
+    if isinstance(target, nn.Module):
+        for cls in type(target).__mro__:
+            if cls in _GROUPINGS:
+                return _GROUPINGS[cls]
+        return "element"
+    try:
+        return _GROUPINGS.get(target, "element")
+    except TypeError:  # an unhashable target cannot have been registered
+        return "element"
+
+
+@dataclass
+class DataPredictions:
+    """``combined``: ``{bn: prediction with every modelled source on}``; ``alone``:
+    ``{bn: {source: prediction with that source alone on}}``, both by lint's names."""
+
+    combined: dict[str, ShiftPrediction]
+    alone: dict[str, dict[str, ShiftPrediction]]
+
+
+def predict_findings(
+    model: nn.Module,
+    graph: DataflowGraph,
+    fx_nodes: Mapping[int, fx.Node] | None,
+    gm: fx.GraphModule | None,
+    args: tuple[Any, ...],
+    pairs: Sequence[tuple[int, int]],
+) -> DataPredictions:
+    """Predictions for lint's ``(sink, source)`` node pairs on ``args``: on lint's fx graph when
+    it traced with fx (``gm`` and ``fx_nodes``: graph index → fx node), else through
+    :func:`~varshift.diagnose.noise_moments.predict_shifts` for the module sources (it traces,
+    or falls back to Monte Carlo in eager mode). Sinks that are not BatchNorm modules with
+    running statistics, and sources without a noise spec, are left out."""
+    batch_norms = dict(bn_layers(model))
+    sinks = list(dict.fromkeys(graph.nodes[s].name for s, _ in pairs))
+    sinks = [name for name in sinks if name in batch_norms]
+    sources = {i for _, i in pairs if _variance(graph, i) is not None}
+    if not sinks or not sources:
+        return DataPredictions({}, {})
+    if gm is not None and fx_nodes is not None:
+        plan = {
+            fx_nodes[i]: _source(model, graph, i, fx_nodes[i])
+            for i in sorted(_modelled(graph))
+            if i in fx_nodes
+        }
+        # Lint's rule: noise is followed to the first normalization it meets, not through it.
+        norms = (Role.TARGET, Role.BARRIER)
+        stops = {n for i, n in fx_nodes.items() if graph.nodes[i].role in norms}
+        combined, alone = predict_on_trace(
+            model, gm, args, plan, sinks, draws=_DRAWS, seed=_SEED, stops=stops
+        )
+        return DataPredictions(combined, alone)
+    return _predict_modules(model, graph, args, sinks, sources)
+
+
+def _modelled(graph: DataflowGraph) -> set[int]:
+    """Every stochastic node with a noise spec of non-zero variance."""
+    return {i for i, node in enumerate(graph.nodes) if _variance(graph, i)}
+
+
+def _variance(graph: DataflowGraph, index: int) -> float | None:
+    node = graph.nodes[index]
+    if node.role is not Role.STOCHASTIC or node.spec is None:
+        return None
+    return node.spec.variance()
+
+
+def _source(model: nn.Module, graph: DataflowGraph, index: int, node: fx.Node) -> NoiseSource:
+    target = model.get_submodule(str(node.target)) if node.op == "call_module" else node.target
+    variance = _variance(graph, index)
+    assert variance is not None  # _modelled chose it
+    return NoiseSource(graph.nodes[index].name, variance, noise_grouping(target))
+
+
+def _predict_modules(
+    model: nn.Module,
+    graph: DataflowGraph,
+    args: tuple[Any, ...],
+    sinks: list[str],
+    wanted: set[int],
+) -> DataPredictions:
+    """The hooks tracer's case: the module sources through ``predict_shifts``, all on, then
+    each alone (functional sources have no name ``predict_shifts`` knows)."""
+    modules = dict(model.named_modules())
+    named = {graph.nodes[i].name for i in _modelled(graph) if graph.nodes[i].call_type == "module"}
+    sources = [
+        NoiseSource(name, _module_variance(graph, name), noise_grouping(modules[name]))
+        for name in sorted(named)
+    ]
+    if not sources:
+        return DataPredictions({}, {})
+    generator = torch.Generator().manual_seed(_SEED)
+    combined = predict_shifts(model, args, sources, sinks, draws=_DRAWS, generator=generator)
+    alone: dict[str, dict[str, ShiftPrediction]] = {}
+    wanted_names = {graph.nodes[i].name for i in wanted}
+    for source in (s for s in sources if s.name in wanted_names):
+        generator = torch.Generator().manual_seed(_SEED)
+        found = predict_shifts(model, args, [source], sinks, draws=_DRAWS, generator=generator)
+        for bn, prediction in found.items():
+            if source.name in prediction.sources:
+                alone.setdefault(bn, {})[source.name] = prediction
+    return DataPredictions(combined, alone)
+
+
+def _module_variance(graph: DataflowGraph, name: str) -> float:
+    node = next(n for n in graph.nodes if n.name == name and n.spec is not None)
+    assert node.spec is not None
+    return node.spec.variance()

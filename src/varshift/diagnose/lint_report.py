@@ -1,0 +1,271 @@
+"""What :func:`varshift.diagnose.lint` returns: a :class:`LintReport` of :class:`Finding` records
+(one per normalization layer with running statistics and stochastic layer upstream of it), the
+:class:`StochasticLayer` records of every noise layer or call, and the :class:`UnaffectedNorm`
+records of the normalizations that use no running statistics; printed as a table, and written to
+and read from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["BnPrediction", "Finding", "LintReport", "StochasticLayer", "UnaffectedNorm"]
+
+_FINDING_COLUMNS = ("BN layer", "upstream noise", "p", "predicted shift", "path")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A normalization layer with running statistics whose input depends on a stochastic layer.
+
+    Attributes:
+        bn: qualified name of the normalization module (or ``F.batch_norm@owner``).
+        bn_type: its class name, e.g. ``"BatchNorm2d"``.
+        source: the stochastic layer upstream: a module's qualified name, or
+            ``"F.dropout@block1"`` for a functional call made in ``block1``'s ``forward``
+            (``<root>`` for the model's own ``forward``; ``#2`` marks a second such call).
+        source_type: ``"module"`` or ``"function"``.
+        noise: the noise kind in :mod:`varshift.theory` terms (``"bernoulli"``, ``"gaussian"``,
+            ``"uout"``…), ``None`` when the registry does not model it (alpha dropout, a bare
+            ``torch.rand_like``).
+        rate: its strength: the drop probability ``p``, or ``β`` for Uout; ``None`` if unknown.
+        rate_name: ``"p"``, ``"beta"`` or the kind's own parameter name.
+        path: the names of the calls from ``source`` to ``bn``, both included (a shortest path).
+        predicted_shift: ``Δ = Var_test / Var_train`` at ``bn`` with this source's noise alone
+            (every other noise off), ``None`` when the noise is not modelled. With
+            ``example_inputs``: exact where the path is linear, a Monte Carlo estimate
+            otherwise; without them (or where the exact pass cannot reach: a functional or
+            instance norm, a functional source traced by hooks), the single-path formula of
+            :func:`varshift.theory.variance_shift` (see :func:`lint`). :attr:`basis` says which.
+        width: fan-in ``d`` of the first linear/conv on the path (``None``: no weight layer).
+        cos2: mean ``cos²θ`` of that layer's weights, as used in the prediction.
+        rho: the correlation ``ρ`` between its inputs used in the prediction.
+        measured: whether the mean and variance came from ``example_inputs`` (else zero-mean
+            input was assumed).
+        exact: ``True``: the closed form through a linear path; ``False``: a Monte Carlo
+            estimate on ``example_inputs`` (see ``stderr``); ``None``: the single-path formula.
+        stderr: the estimate's standard error over mask draws (``None`` unless estimated).
+    """
+
+    bn: str
+    bn_type: str
+    source: str
+    source_type: str
+    noise: str | None
+    rate: float | None
+    rate_name: str | None
+    path: tuple[str, ...]
+    predicted_shift: float | None
+    width: int | None = None
+    cos2: float | None = None
+    rho: float | None = None
+    measured: bool = False
+    exact: bool | None = None
+    stderr: float | None = None
+
+    @property
+    def basis(self) -> str:
+        """``"exact"``, ``"estimated"`` (Monte Carlo), ``"formula"`` (single-path formula on
+        measured moments) or ``"assumed"`` (no data: zero-mean input, the worst case)."""
+        return _basis(self.exact, self.measured)
+
+
+@dataclass(frozen=True)
+class BnPrediction:
+    """The predicted shift of one flagged normalization with all its noise on.
+
+    ``sources``: the noise sources counted (with ``example_inputs``, every modelled source
+    whose noise reaches it, also through an earlier BatchNorm in eval); ``nearest``: the source
+    of its finding with the shortest path. ``shift``: with ``example_inputs``, the exact or
+    Monte Carlo prediction with all sources on together; otherwise its findings' shifts
+    combined as independent noise (extra variances add). ``exact`` and ``stderr`` as in
+    :class:`Finding`."""
+
+    bn: str
+    bn_type: str
+    sources: tuple[str, ...]
+    nearest: str
+    shift: float | None
+    exact: bool | None = None
+    stderr: float | None = None
+
+    @property
+    def basis(self) -> str:
+        return _basis(self.exact, self.exact is not None)
+
+
+@dataclass(frozen=True)
+class StochasticLayer:
+    """A stochastic module or functional call found in the model.
+
+    ``feeds`` names the normalization layers it reaches (empty: it feeds none, e.g. dropout
+    before the classifier); ``called`` is ``False`` for a registered noise module that the
+    traced ``forward`` never used."""
+
+    name: str
+    source_type: str
+    type_name: str
+    noise: str | None
+    rate: float | None
+    rate_name: str | None
+    feeds: tuple[str, ...] = ()
+    called: bool = True
+
+    @property
+    def feeds_bn(self) -> bool:
+        return bool(self.feeds)
+
+
+@dataclass(frozen=True)
+class UnaffectedNorm:
+    """A normalization that uses no running statistics, so no variance shift; ``fed_by_noise``
+    tells whether a stochastic layer reaches it (which is then harmless)."""
+
+    name: str
+    type_name: str
+    reason: str
+    fed_by_noise: bool = False
+
+
+@dataclass
+class LintReport:
+    """What :func:`lint` found. ``ok`` is ``True`` when no finding was made.
+
+    ``method`` is ``"fx"`` or ``"hooks"``; ``predictions`` holds one :class:`BnPrediction` per
+    flagged normalization, in model order; ``notes`` holds everything else worth knowing (why
+    fx failed, which assumptions the predictions make)."""
+
+    findings: list[Finding]
+    method: str
+    predictions: dict[str, BnPrediction] = field(default_factory=dict)
+    stochastic_layers: list[StochasticLayer] = field(default_factory=list)
+    unaffected: list[UnaffectedNorm] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    @property
+    def flagged(self) -> list[str]:
+        """The names of the normalization layers with at least one finding, in model order."""
+        return list(dict.fromkeys(finding.bn for finding in self.findings))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data; :meth:`from_dict` reads it back."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LintReport:
+        return cls(
+            findings=[Finding(**{**f, "path": tuple(f["path"])}) for f in data["findings"]],
+            method=data["method"],
+            predictions={
+                bn: BnPrediction(**{**p, "sources": tuple(p["sources"])})
+                for bn, p in data.get("predictions", {}).items()
+            },
+            stochastic_layers=[
+                StochasticLayer(**{**s, "feeds": tuple(s["feeds"])})
+                for s in data.get("stochastic_layers", [])
+            ],
+            unaffected=[UnaffectedNorm(**u) for u in data.get("unaffected", [])],
+            notes=list(data.get("notes", [])),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> LintReport:
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        lines = [f"varshift lint ({self.method}): " + self._summary()]
+        if self.findings:
+            rows = [
+                (
+                    f.bn,
+                    f.source,
+                    _format_rate(f.rate, f.rate_name),
+                    _format_shift(f.predicted_shift, f.basis, f.stderr),
+                    " -> ".join(f.path),
+                )
+                for f in self.findings
+            ]
+            lines += _text_table(_FINDING_COLUMNS, rows)
+        if self.predictions:
+            lines.append("predicted shift per BatchNorm, all its noise on:")
+            lines += [f"  {_prediction_line(p)}" for p in self.predictions.values()]
+        if self.stochastic_layers:
+            lines.append("stochastic layers:")
+            lines += [f"  {_stochastic_layer_line(layer)}" for layer in self.stochastic_layers]
+        if self.unaffected:
+            lines.append("not affected (no running statistics):")
+            for norm in self.unaffected:
+                fed = ", fed by noise" if norm.fed_by_noise else ""
+                lines.append(f"  {norm.name} ({norm.type_name}{fed}): {norm.reason}")
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  - {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def _summary(self) -> str:
+        if self.ok:
+            return "no BatchNorm layer is fed by a stochastic layer"
+        count = len(self.flagged)
+        layers = "layer is" if count == 1 else "layers are"
+        return f"{count} BatchNorm {layers} fed by a stochastic layer (variance shift at eval)"
+
+
+def _basis(exact: bool | None, measured: bool) -> str:
+    if exact is None:
+        return "formula" if measured else "assumed"
+    return "exact" if exact else "estimated"
+
+
+def _format_shift(shift: float | None, basis: str, stderr: float | None) -> str:
+    """``0.7721 exact``, ``≈ 0.772 ± 0.004`` (estimated), ``0.7000 assumed``, ``?``."""
+    if shift is None:
+        return "?"
+    if basis == "estimated":
+        return f"≈ {shift:.3f} ± {stderr or 0:.3f}"
+    return f"{shift:.4f} {basis}"
+
+
+def _prediction_line(prediction: BnPrediction) -> str:
+    count = len(prediction.sources)
+    shift = _format_shift(prediction.shift, prediction.basis, prediction.stderr)
+    noun = "source" if count == 1 else "sources"
+    return f"{prediction.bn}: {shift} ({count} {noun}, nearest {prediction.nearest})"
+
+
+def _format_rate(rate: float | None, name: str | None, *, bare_p: bool = True) -> str:
+    if rate is None:
+        return "?"
+    return f"{rate:g}" if bare_p and name in (None, "p") else f"{name or 'p'}={rate:g}"
+
+
+def _stochastic_layer_line(layer: StochasticLayer) -> str:
+    what = layer.type_name
+    if layer.source_type == "function":
+        owner = layer.name.partition("@")[2].partition("#")[0]
+        what += f" in the forward of {owner}"
+    what += ", " + _format_rate(layer.rate, layer.rate_name, bare_p=False)
+    if not layer.called:
+        return f"{layer.name} ({what}) is never called by forward"
+    feeds = ", ".join(layer.feeds) if layer.feeds else "no BatchNorm"
+    return f"{layer.name} ({what}) feeds {feeds}"
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+    return [line(header), "-+-".join("-" * width for width in widths), *map(line, rows)]

@@ -1,0 +1,435 @@
+"""The traced graph behind :func:`varshift.diagnose.noise_moments.predict_shifts`: the noise
+sources (:class:`NoiseSource`), the fx trace, which nodes the closed form can follow, and the
+Monte Carlo estimate for the paths it cannot: ``draws`` forwards of the example inputs with the
+chosen sources on, every other stochastic layer off and every BatchNorm in eval, so only the
+noise differs from the one noise-off forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+
+from varshift.diagnose.bn_stats import batch_norms as bn_layers
+from varshift.diagnose.calls import call_without_noise
+
+__all__ = [
+    "Grouping",
+    "MonteCarloShift",
+    "NoiseSource",
+    "NoisyRun",
+    "NotLinearError",
+    "chosen_batch_norms",
+    "functional_dropout",
+    "is_switched_off",
+    "keeps_samples",
+    "model_state_kept",
+    "dropout_source",
+    "monte_carlo_shifts",
+    "run_noise_off",
+    "op_category",
+    "op_name",
+    "pool_coefficient",
+    "resolve_sources",
+    "torch_dropouts",
+    "trace_with_leaves",
+]
+
+Grouping = Literal["element", "channel", "sample", "structured"]
+_GROUPINGS: tuple[Grouping, ...] = ("element", "channel", "sample", "structured")
+
+
+@dataclass(frozen=True)
+class NoiseSource:
+    """One multiplicative noise source ``x ↦ m ⊙ x`` with ``E[m] = 1`` and ``Var[m] = variance``.
+
+    Args:
+        name: the qualified name of the noise module (``"block.drop"``), or, for a functional
+            call such as ``F.dropout(x, 0.3, self.training)``, the name of its ``torch.fx`` node
+            (``"dropout"``, ``"dropout_1"``, ... in call order).
+        variance: ``s² = Var[m]``; inverted Bernoulli dropout with drop probability ``p`` has
+            ``p / (1 − p)`` (:meth:`dropout`).
+        grouping: which elements share one mask: ``"element"`` (``nn.Dropout``: none),
+            ``"channel"`` (``nn.Dropout1d/2d/3d``: each (sample, channel) of ``Tensor[N, C, *]``)
+            or ``"sample"`` (stochastic depth, DropPath: each sample); ``"structured"`` for
+            noise no grouping describes (DropBlock's blocks, DropConnect's weight masks): the
+            source is run noise-off in the exact pass and always predicted by Monte Carlo.
+    """
+
+    name: str
+    variance: float
+    grouping: Grouping = "element"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty module or node name, got {self.name!r}")
+        value = self.variance
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"variance must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"variance must be finite and >= 0, got {value!r}")
+        if self.grouping not in _GROUPINGS:
+            raise ValueError(f"grouping must be one of {_GROUPINGS}, got {self.grouping!r}")
+
+    @classmethod
+    def dropout(cls, name: str, p: float, grouping: Grouping = "element") -> NoiseSource:
+        """Inverted Bernoulli dropout with drop probability ``p`` in ``[0, 1)``."""
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a drop probability in [0, 1), got {p!r}")
+        return cls(name, p / (1 - p), grouping)
+
+
+def dropout_source(name: str, module: nn.Module) -> NoiseSource | None:
+    """The source of one of torch's dropout modules (``nn.Dropout``: element-wise,
+    ``nn.Dropout1d/2d/3d``: per channel); ``None`` for any other module."""
+    if isinstance(module, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+        return NoiseSource.dropout(name, module.p, "channel")
+    return NoiseSource.dropout(name, module.p) if type(module) is nn.Dropout else None
+
+
+_CHANNEL = (F.dropout1d, F.dropout2d, F.dropout3d)
+_FUNCTIONAL: dict[Any, Grouping] = {F.dropout: "element", **dict.fromkeys(_CHANNEL, "channel")}
+_OFF_ONLY = {F.alpha_dropout, F.feature_alpha_dropout}  # no mean-one mask: off, never a source
+
+
+def functional_dropout(node: fx.Node) -> tuple[Grouping, float] | None:
+    """``(grouping, p)`` of a traced torch dropout call that is active (``training=True``);
+    ``None`` for any other node."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL:
+        return None
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
+    bound.apply_defaults()
+    p, training = bound.arguments["p"], bound.arguments["training"]
+    if training is not True or not isinstance(p, (int, float)):
+        return None
+    return _FUNCTIONAL[node.target], float(p)
+
+
+def is_switched_off(node: fx.Node) -> bool:
+    """A stochastic torch call that every pass runs as the identity unless it is a source."""
+    return node.op == "call_function" and (
+        node.target in _OFF_ONLY or functional_dropout(node) is not None
+    )
+
+
+def run_noise_off(interpreter: fx.Interpreter, n: fx.Node) -> Any:
+    """One stochastic node run with its noise off: a module as it is (the passes keep noise
+    modules in eval unless they switch them on), torch's dropouts as the identity, any other
+    registered function with its ``training``/``train`` switch turned off."""
+    if n.op == "call_module":
+        return fx.Interpreter.run_node(interpreter, n)
+    if is_switched_off(n):
+        return interpreter.env[n.all_input_nodes[0]]
+    args, kwargs = interpreter.fetch_args_kwargs_from_env(n)
+    return call_without_noise(n.target, args, kwargs)[0]  # type: ignore[arg-type]
+
+
+class NotLinearError(Exception):
+    """A node the closed form cannot follow; ``retry``: the groups form still may."""
+
+    def __init__(self, reason: str, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+_CATEGORIES = {  # by name, for torch's, torch.nn.functional's and operator's functions
+    "route": "getitem reshape flatten permute transpose squeeze unsqueeze cat concat stack pad "
+    "clone view contiguous expand",
+    "add": "add sub neg pos",
+    "scale": "mul truediv div",
+    "mix": "linear conv1d conv2d conv3d matmul mean sum avg_pool1d avg_pool2d avg_pool3d "
+    "adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d",
+}
+_CATEGORY = {name: kind for kind, names in _CATEGORIES.items() for name in names.split()}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_POOLS = (*_AVG_POOLS, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def op_name(node: fx.Node) -> str:
+    """A method's name, or a torch/functional/operator function's name ("" for any other)."""
+    if node.op == "call_method":
+        return str(node.target)
+    name = getattr(node.target, "__name__", "")
+    homes = (torch, F, operator)
+    return name if any(getattr(home, name, None) is node.target for home in homes) else ""
+
+
+def op_category(node: fx.Node, module: nn.Module | None) -> str:
+    if module is not None:
+        if isinstance(module, (nn.Linear, _ConvNd, *_POOLS)):
+            return "mix"
+        if isinstance(module, _BatchNorm) and module.running_var is not None:
+            return "bn"
+        if isinstance(module, (nn.Identity, nn.Flatten, nn.Unflatten, _DropoutNd)):
+            return "route"
+        raise NotLinearError(f"{type(module).__name__} '{node.target}' is not linear")
+    name = op_name(node)
+    if name == "batch_norm" and node.op == "call_function":
+        if node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False):
+            raise NotLinearError(f"'{node.name}' normalises with batch statistics")
+        return "bn"
+    if name not in _CATEGORY:
+        raise NotLinearError(f"'{node.name}' ({name or node.target}) is not linear")
+    return _CATEGORY[name]
+
+
+def _dims(value: Any, ndim: int) -> list[int]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [int(d) % ndim for d in items]
+
+
+def keeps_samples(n: fx.Node, first: fx.Node, x: Tensor, value: Tensor) -> bool:
+    """Whether a function keeps every sample on its own along dimension 0."""
+    if value.dim() == 0 or x.dim() == 0 or value.shape[0] != x.shape[0]:
+        return False
+    name, args, kwargs, nd = op_name(n), n.args, n.kwargs, x.dim()
+    arg = args[1] if len(args) > 1 else None
+    if name in ("cat", "concat", "stack"):
+        return _dims(kwargs.get("dim", arg if arg is not None else 0), value.dim())[0] != 0
+    if name == "getitem":
+        index = arg if isinstance(arg, tuple) else (arg,)
+        if isinstance(index[0], slice) and index[0] == slice(None):
+            return True
+        return index[0] is Ellipsis and sum(i is not None for i in index[1:]) < nd
+    if name == "permute":
+        return _dims(args[1:] if n.op == "call_method" else arg, nd)[0] == 0
+    if name == "transpose":
+        return 0 not in _dims(args[1:3], nd)
+    if name == "unsqueeze":
+        return _dims(kwargs.get("dim", arg), nd + 1)[0] != 0
+    if name == "flatten":
+        return _dims(kwargs.get("start_dim", arg if arg is not None else 0), nd)[0] != 0
+    if name in ("mean", "sum"):
+        dim = kwargs.get("dim", arg)
+        return dim is not None and 0 not in _dims(dim, nd)
+    if name == "matmul":  # only a noisy left operand keeps the rows (samples) apart
+        return args[0] is first and nd >= 2
+    return True
+
+
+def pool_coefficient(pool: nn.Module, v: Tensor) -> Tensor:
+    """Each output of an average pool weighs its window's inputs equally, ``1/divisor``:
+    the pooled ones (``valid/divisor``) over the summed ones (``valid``)."""
+    ones = torch.ones_like(v)
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    k, s, p, ceil, count = (getattr(pool, name) for name in names)
+    if isinstance(pool, nn.AvgPool1d):  # avg_pool1d has no divisor_override: pool a 1×L plane
+        k, s, p = (1, k[0]), (1, s[0]), (0, p[0])
+        window = F.avg_pool2d(ones.unsqueeze(-2), k, s, p, ceil, count, 1).squeeze(-2)
+    else:
+        pool_fn = F.avg_pool2d if isinstance(pool, nn.AvgPool2d) else F.avg_pool3d
+        window = pool_fn(ones, k, s, p, ceil, count, 1)
+    return pool(ones) / window  # type: ignore[no-any-return]
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name in self.leaves
+            or isinstance(m, (_BatchNorm, _DropoutNd))
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def trace_with_leaves(model: nn.Module, leaves: set[str]) -> fx.GraphModule:
+    """fx-trace ``model``, every module in training mode (so ``F.dropout(x, p, self.training)``
+    is an active call), BatchNorms, dropouts and ``leaves`` kept whole; raises what fx raises."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        for module, _ in flags:
+            module.training = True
+        tracer = _LeafTracer(leaves)
+        graph = tracer.trace(model)  # sets tracer.root
+        return fx.GraphModule(tracer.root, graph)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Every module in eval and gradients off for the duration; on exit every ``training``
+    flag, every buffer and the global random state as they were, even on error."""
+    flags = [(module, module.training) for module in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model.eval()
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for module, flag in flags:
+            module.training = flag
+
+
+@dataclass(frozen=True)
+class MonteCarloShift:
+    """Monte Carlo ratio of one BatchNorm: mean over channels of ``Var_eval / Var_train``, its
+    jackknife standard error over draws, and whether the noise moved the input at all."""
+
+    ratio: float
+    stderr: float
+    moved: bool
+
+
+def monte_carlo_shifts(
+    batch_norms: Mapping[str, nn.Module],
+    switches: Sequence[nn.Module],
+    forward: Callable[[bool], object],
+    draws: int,
+    seed: int,
+) -> dict[str, MonteCarloShift]:
+    """Run ``forward(False)`` once and ``forward(True)`` ``draws`` times, the global generator
+    seeded with ``seed`` and the ``switches`` (source modules: their own flag only, children
+    stay in eval) in training mode when on, reading each BatchNorm's input in a pre-hook.
+
+    Per channel, ``Var_eval`` is the population variance of the noise-off input over samples and
+    positions, ``Var_train`` that of the noise-on input pooled over all draws (what BatchNorm's
+    running variance tracks); their ratio is averaged over the channels with ``Var_eval > 0``,
+    as :attr:`varshift.diagnose.LayerShift.mean_ratio` does. The standard error, a
+    delete-one-draw jackknife, covers the masks, not the choice of example inputs.
+    """
+    calls: dict[str, list[Tensor]] = {name: [] for name in batch_norms}
+    rows: dict[str, list[Tensor]] = {name: [] for name in batch_norms}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            flat = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+            calls[name].append(torch.stack((flat.sum(1), flat.square().sum(1))) / flat.shape[1])
+
+        return hook
+
+    torch.manual_seed(seed)
+    with ExitStack() as stack:
+        for name, bn in batch_norms.items():
+            stack.callback(bn.register_forward_pre_hook(recorder(name)).remove)
+        for on in (False, *([True] * draws)):
+            for module in switches:
+                module.training = on
+            forward(on)
+            for name, seen in calls.items():
+                if seen:  # a BatchNorm called twice in one forward pools both calls
+                    rows[name].append(torch.stack(seen).mean(0))
+                seen.clear()
+    return {name: _summarise(torch.stack(r)) for name, r in rows.items() if r}
+
+
+def _summarise(rows: Tensor) -> MonteCarloShift:
+    """``rows``: ``[1 + draws, 2, C]`` per-channel mean and mean square, noise-off row first."""
+    off, on = rows[0], rows[1:]
+    eval_var, k = off[1] - off[0].square(), on.shape[0]
+
+    def ratio(moments: Tensor) -> Tensor:
+        train_var = moments[1] - moments[0].square()
+        keep = (eval_var > 0) & (train_var > 0)
+        return (eval_var[keep] / train_var[keep]).mean()
+
+    loo = torch.stack([ratio((on.sum(0) - row) / (k - 1)) for row in on])
+    stderr = float(((k - 1) / k * (loo - loo.mean()).square().sum()).sqrt())
+    return MonteCarloShift(float(ratio(on.mean(0))), stderr, bool((on != off).any()))
+
+
+class NoisyRun(fx.Interpreter):
+    """``runner(on)``: the traced model on ``args``, functional sources in ``active`` on if
+    ``on``; every other node of ``plan`` and every torch dropout call run with the noise off.
+    (Module sources are switched by their ``training`` flag, see :func:`monte_carlo_shifts`.)"""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        plan: Mapping[fx.Node, object],
+        args: tuple[Any, ...],
+        active: Collection[fx.Node] | None = None,
+        stops: Collection[fx.Node] = (),
+    ):
+        super().__init__(gm)
+        self.plan, self.args, self.on = set(plan), args, False
+        self.active = self.plan if active is None else set(active)
+        self.stops, self.clean = stops, dict[fx.Node, Any]()
+
+    def __call__(self, on: bool) -> None:
+        self.on = on
+        self.run(*self.args)
+
+    def run_node(self, n: fx.Node) -> Any:
+        """With ``stops``, each stop node runs (its hooks see the noisy input) but passes on
+        its noise-off output, so the noise goes no further."""
+        stochastic = n.op == "call_function" and (n in self.plan or is_switched_off(n))
+        if stochastic and not (self.on and n in self.active):
+            return run_noise_off(self, n)
+        value = super().run_node(n)
+        if n in self.stops:
+            if not self.on:
+                self.clean[n] = value
+            return self.clean[n]
+        return value
+
+
+def chosen_batch_norms(model: nn.Module, names: Sequence[str] | None) -> dict[str, _BatchNorm]:
+    """The BatchNorms with running statistics named in ``names`` (``None``: all of them)."""
+    found = dict(bn_layers(model))
+    if not found:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no BatchNorm layer with running "
+            "statistics; there is no shift to predict"
+        )
+    if names is None:
+        return found
+    unknown = [name for name in names if name not in found]
+    if unknown:
+        raise ValueError(
+            f"batch_norms must name BatchNorms with running statistics {sorted(found)}, "
+            f"got unknown {unknown}"
+        )
+    return {name: found[name] for name in names}
+
+
+def resolve_sources(
+    gm: fx.GraphModule, modules: Mapping[str, nn.Module], given: list[NoiseSource] | None
+) -> dict[fx.Node, NoiseSource]:
+    """The source behind every traced node that applies noise; each call draws its own mask."""
+    plan: dict[fx.Node, NoiseSource] = {}
+    by_name = {source.name: source for source in given or ()}
+    for node in gm.graph.nodes:
+        key = str(node.target) if node.op == "call_module" else node.name
+        if given is not None:
+            if key in by_name and (node.op == "call_module" or is_switched_off(node)):
+                plan[node] = by_name[key]
+        elif node.op == "call_module" and (found := dropout_source(key, modules[key])):
+            plan[node] = found
+        elif (call := functional_dropout(node)) is not None:
+            plan[node] = NoiseSource.dropout(node.name, call[1], call[0])
+    missing = sorted(set(by_name) - {source.name for source in plan.values()})
+    if missing:
+        raise ValueError(
+            f"sources must name noise modules or functional dropout nodes the forward calls; "
+            f"never called: {missing}"
+        )
+    return plan
+
+
+def torch_dropouts(model: nn.Module) -> list[NoiseSource]:
+    """A source for each of torch's dropout modules in ``model``."""
+    found = (dropout_source(name, module) for name, module in model.named_modules())
+    return [source for source in found if source is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_diagnose_prints_lint_shift_fixes_and_writes_json_and_plot(
     out = result.stdout
     assert "builtin:digits test split (360 samples, batches of 90)" in out
     assert "1 BatchNorm layer is fed by a stochastic layer" in out  # lint
-    assert "drop -> bn" in out
+    assert re.search(r"^bn\s*\|.*\|\s*drop\s*\|", out, re.MULTILINE)  # bn's row names drop
     assert "eval/train" in out  # the shift table
     assert "suggested fixes:" in out
     assert "varshift recalibrate --model" in out
@@ -168,9 +169,10 @@ def test_recalibrate_says_how_much_data_it_used(
         (["--model", "{zoo}:noisy", "--checkpoint", "nobn.pt"], "does not match the model: "
                                                                 "missing keys conv.weight"),
         (["--model", "{zoo}:noisy", "--data", "builtin:nope"], "unknown built-in dataset"),
-        (["--model", "{zoo}:noisy", "--data", "digits"], "--data must be builtin:NAME or"),
+        (["--model", "{zoo}:noisy", "--data", "digits"],
+         "--data must be builtin:NAME, imagefolder:PATH or"),
         (["--model", "{zoo}:noisy", "--data", "{zoo}:unlabelled", "--batch-size", "8"],
-         "--batch-size applies to builtin: data only"),
+         "--batch-size applies to builtin: and imagefolder: data only"),
     ],
 )
 @pytest.mark.parametrize("command", ["diagnose", "recalibrate"])
@@ -210,3 +212,16 @@ def test_suggested_command_lines() -> None:
                         seed=2, out="x.pt")  # fmt: skip
     assert line == ("varshift recalibrate --model m:f --checkpoint 'a b.pt' --data builtin:digits "
                     "--seed 2 --out x.pt")
+
+
+def test_suggested_command_lines_repeat_model_arguments_and_image_options() -> None:
+    line = command_line(
+        "recalibrate", model="timm:efficientnet_b0", data="imagefolder:val images",
+        model_args=["drop_path_rate=0.2", "act_layer=relu"], image_size=32, normalize=False,
+        out="fixed.safetensors",
+    )  # fmt: skip
+    assert line == (
+        "varshift recalibrate --model timm:efficientnet_b0 --model-arg drop_path_rate=0.2 "
+        "--model-arg act_layer=relu --data 'imagefolder:val images' --image-size 32 "
+        "--no-normalize --out fixed.safetensors"
+    )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from helpers.models_zoo import FunctionalDropoutNet
+from helpers.torchscript import TO_TORCHSCRIPT, TO_TORCHSCRIPT_IDS, TorchScriptConversion
 from varshift.fix import convert_dropout
 from varshift.fix.convert import DEFAULT_BETA
 from varshift.layers import ClassicDropout, GaussianDropout, Uout, VarianceStableDropout
@@ -175,25 +175,13 @@ def test_a_non_module_is_a_type_error(model: object) -> None:
         convert_dropout(model, "uout")  # type: ignore[type-var]
 
 
-def _scripted(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
-        return torch.jit.script(model)
-
-
-def _traced(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.trace(model.eval(), torch.randn(4, 6))
-
-
-@pytest.mark.parametrize("to_torchscript", [_scripted, _traced], ids=["script", "trace"])
+@pytest.mark.parametrize("to_torchscript", TO_TORCHSCRIPT, ids=TO_TORCHSCRIPT_IDS)
 @pytest.mark.parametrize("where", ["before_bn", "all"])
 def test_a_torchscript_model_is_refused_with_the_fix(
-    to_torchscript: Callable[[nn.Module], nn.Module], where: str
+    to_torchscript: TorchScriptConversion, where: str
 ) -> None:
     with pytest.raises(TypeError, match=r"TorchScript .* pass the original \(un-scripted\) module"):
-        convert_dropout(to_torchscript(_net()), "uout", where=where)  # type: ignore[arg-type]
+        convert_dropout(to_torchscript(_net(), torch.randn(4, 6)), "uout", where=where)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("where", ["before_bn", "all"])

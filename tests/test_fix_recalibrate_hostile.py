@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers.torchscript import TO_TORCHSCRIPT, TO_TORCHSCRIPT_IDS, TorchScriptConversion
 from varshift.fix import recalibrate_bn
 
 _CEILING = 10_000  # batches an endless test iterator yields before it gives up
@@ -200,23 +200,11 @@ def test_a_non_module_is_a_type_error(model: object) -> None:
         recalibrate_bn(model, [torch.randn(8, 3)], progress=False)  # type: ignore[type-var]
 
 
-def _scripted(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
-        return torch.jit.script(model)
-
-
-def _traced(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.trace(model.eval(), torch.randn(4, 3))
-
-
-@pytest.mark.parametrize("to_torchscript", [_scripted, _traced], ids=["script", "trace"])
+@pytest.mark.parametrize("to_torchscript", TO_TORCHSCRIPT, ids=TO_TORCHSCRIPT_IDS)
 def test_a_torchscript_model_is_refused_with_the_fix(
-    to_torchscript: Callable[[nn.Module], nn.Module],
+    to_torchscript: TorchScriptConversion,
 ) -> None:
-    scripted = to_torchscript(_net())
+    scripted = to_torchscript(_net(), torch.randn(4, 3))
     with pytest.raises(TypeError, match=r"TorchScript .* pass the original \(un-scripted\) module"):
         recalibrate_bn(scripted, [torch.randn(8, 3)], progress=False)
 

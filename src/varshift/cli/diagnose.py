@@ -5,9 +5,12 @@ and write a checkpoint whose BatchNorm statistics were re-estimated with dropout
         --plot shift.png --json shift.json
     varshift recalibrate --model mypkg.nets:make_net --checkpoint net.pt \\
         --data mypkg.data:val_loader --samples 4096 --out net-recalibrated.pt
+    varshift diagnose --model timm:efficientnet_b0 --model-arg drop_path_rate=0.2 \\
+        --checkpoint net.safetensors --data imagefolder:val/ --image-size 224 --batches 8
 
-The model comes from :func:`varshift.checkpoints.load_model`, the data from
-:mod:`varshift.cli.sources` (``builtin:NAME`` or a loader factory), the suggested fixes from
+The model comes from :func:`varshift.checkpoints.load_model` (a factory, ``torchvision:NAME`` or
+``timm:NAME``), the data from :mod:`varshift.cli.sources` (``builtin:NAME``,
+``imagefolder:PATH`` or a loader factory), the suggested fixes from
 :func:`varshift.fix.advice.suggest_fixes`; this module parses, calls and prints. Whatever the
 user can fix ends the command with one line on stderr and exit status 2.
 """
@@ -18,12 +21,12 @@ import argparse
 import json
 import os
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from varshift.cli.arguments import figure_file, output_file, positive_int
+from varshift.cli.arguments import figure_file, keyword_argument, output_file, positive_int
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,6 +37,7 @@ __all__ = ["command_line", "recalibrated_path", "register"]
 
 # Repeated from varshift.cli.sources so that `varshift --help` need not import it.
 _DEFAULT_BATCH_SIZE = 128
+_DEFAULT_IMAGE_SIZE = 224
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -56,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     diagnose.add_argument(
         "--json", metavar="FILE", type=output_file, help="write lint, measurement and fixes"
     )
+    diagnose.add_argument(
+        "--verbose", action="store_true",
+        help="list every (BatchNorm, dropout) pair of the lint with its full path",
+    )  # fmt: skip
     diagnose.set_defaults(handler=_run_diagnose)
 
     recalibrate = subparsers.add_parser(
@@ -87,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )  # fmt: skip
     recalibrate.add_argument(
         "--out", metavar="FILE", type=output_file, required=True,
-        help="where to save the fixed state_dict",
+        help="where to save the fixed state_dict (FILE.safetensors: as safetensors; any other "
+        "name: with torch.save)",
     )  # fmt: skip
     recalibrate.set_defaults(handler=_run_recalibrate)
 
@@ -95,24 +104,43 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and the data: shared by both commands."""
     parser.add_argument(
-        "--model", metavar="MODULE:FACTORY", required=True,
-        help="pkg.module:factory, a function (or class) that returns the nn.Module",
+        "--model", metavar="SPEC", required=True,
+        help="pkg.module:factory, a function (or class) that returns the nn.Module; or "
+        "torchvision:NAME or timm:NAME, randomly initialised (no weights are downloaded)",
     )  # fmt: skip
     parser.add_argument(
-        "--checkpoint", metavar="FILE", default=None, help="a state_dict saved with torch.save"
-    )
+        "--model-arg", metavar="KEY=VALUE", action="append", type=keyword_argument,
+        default=[],
+        help="a keyword argument of the model (repeatable), the value read as a Python literal "
+        "or else kept as a string: --model-arg drop_path_rate=0.2",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint", metavar="FILE", default=None,
+        help="a state_dict saved with torch.save, or a .safetensors file",
+    )  # fmt: skip
     parser.add_argument(
         "--data", metavar="SPEC", required=True,
-        help="builtin:NAME (digits, mnist1d, mnist5k, ...) or pkg.module:loader_factory, a "
-        "function that returns an iterable of batches",
+        help="builtin:NAME (digits, mnist1d, mnist5k, ...), imagefolder:PATH (one sub-folder "
+        "of images per class) or pkg.module:loader_factory, a function that returns an "
+        "iterable of batches",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=positive_int, default=None,
-        help=f"batch size for builtin: data (default {_DEFAULT_BATCH_SIZE})",
+        help=f"batch size for builtin: and imagefolder: data (default {_DEFAULT_BATCH_SIZE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image-size", metavar="N", type=positive_int, default=None,
+        help="imagefolder: images are resized and centre-cropped to N x N "
+        f"(default {_DEFAULT_IMAGE_SIZE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-normalize", action="store_true",
+        help="imagefolder: keep pixel values in [0, 1] (default: ImageNet mean and std)",
     )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=0,
-        help="seed of a built-in dataset's train/test split (digits; default 0)",
+        help="seed of a built-in dataset's train/test split (digits) and of the order "
+        "imagefolder: images are read in (default 0)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -126,14 +154,24 @@ def command_line(
     batch_size: int | None = None,
     seed: int = 0,
     out: str | os.PathLike[str] | None = None,
+    model_args: Sequence[str] = (),
+    image_size: int | None = None,
+    normalize: bool = True,
 ) -> str:
-    """The shell command ``varshift COMMAND`` with these source arguments (quoted)."""
+    """The shell command ``varshift COMMAND`` with these source arguments (quoted);
+    ``model_args`` are ``KEY=VALUE`` texts, one ``--model-arg`` each."""
     words = ["varshift", command, "--model", model]
+    for pair in model_args:
+        words += ["--model-arg", pair]
     if checkpoint is not None:
         words += ["--checkpoint", str(checkpoint)]
     words += ["--data", data]
     if batch_size is not None:
         words += ["--batch-size", str(batch_size)]
+    if image_size is not None:
+        words += ["--image-size", str(image_size)]
+    if not normalize:
+        words += ["--no-normalize"]
     if seed:
         words += ["--seed", str(seed)]
     if out is not None:
@@ -154,23 +192,22 @@ def recalibrated_path(checkpoint: str | os.PathLike[str] | None) -> Path:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    from varshift.cli.sources import open_source
+    from varshift.cli.sources import model_kwargs, open_source
     from varshift.diagnose import lint, measure
     from varshift.fix.advice import suggest_fixes
 
     source = open_source(args)
     report = lint(source.model, source.example)
-    shift = measure(
-        source.model, source.test, batches=args.batches, progress=not args.no_progress
-    )
+    shift = measure(source.model, source.test, batches=args.batches, progress=not args.no_progress)
     recalibrate = command_line(
         "recalibrate", model=args.model, checkpoint=args.checkpoint, data=args.data,
         batch_size=args.batch_size, seed=args.seed, out=recalibrated_path(args.checkpoint),
+        model_args=args.model_arg, image_size=args.image_size, normalize=not args.no_normalize,
     )  # fmt: skip
     tips = suggest_fixes(report, shift, recalibrate=recalibrate)
     print(f"{_source_header(args)}, measured on {source.test_text}")
     print()
-    print(report)
+    print(_lint_text(report, verbose=args.verbose))
     print()
     print(shift)
     print()
@@ -182,6 +219,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     if args.json is not None:
         payload = {
             "model": args.model,
+            "model_args": model_kwargs(args.model_arg),
             "checkpoint": args.checkpoint,
             "data": args.data,
             "lint": report.to_dict(),
@@ -195,9 +233,19 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lint_text(report: Any, *, verbose: bool) -> str:
+    """The lint report as printed: ``report.format(verbose=...)``, or ``str(report)`` for a
+    report class that does not have ``format`` yet."""
+    format_report = getattr(report, "format", None)
+    if format_report is None:
+        return str(report)
+    return str(format_report(verbose=verbose))
+
+
 def _source_header(args: argparse.Namespace) -> str:
+    arguments = "".join(f" {pair}" for pair in args.model_arg)
     checkpoint = f" with {args.checkpoint}" if args.checkpoint else ""
-    return f"model {args.model}{checkpoint}"
+    return f"model {args.model}{arguments}{checkpoint}"
 
 
 # --- recalibrate ---------------------------------------------------------------------------------
@@ -218,8 +266,7 @@ class _Evaluation:
 
 
 def _run_recalibrate(args: argparse.Namespace) -> int:
-    import torch
-
+    from varshift.checkpoints import save_state_dict
     from varshift.cli.sources import open_source
     from varshift.diagnose.bn_stats import batch_norms
     from varshift.fix import recalibrate_bn
@@ -236,9 +283,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     after = _evaluate(model, source.test)
     # Written only now: a failure above (recalibrate_bn and measure refuse nan/inf statistics
     # and losses, a loader may break) leaves no half-fixed checkpoint behind.
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
+    out = save_state_dict(model.state_dict(), args.out)
 
     how = "level by level (--exact)" if args.exact else "in one pass"
     print(_source_header(args))

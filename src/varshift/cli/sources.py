@@ -1,11 +1,15 @@
 """What ``varshift diagnose`` and ``varshift recalibrate`` run on: the model of ``--model`` and
 ``--checkpoint`` (:func:`varshift.checkpoints.load_model`) and the batches of ``--data``.
 
+``--model`` is any spec of :func:`~varshift.checkpoints.load_model` (``pkg.module:factory``,
+``torchvision:NAME``, ``timm:NAME``), given the keyword arguments of ``--model-arg KEY=VALUE``.
 ``--data builtin:NAME`` is a built-in dataset cut into ``(x, y)`` batches: statistics are
 estimated on its training split and everything is evaluated on its test split.
-``--data pkg.module:loader_factory`` is the user's own iterable of batches, used for both. Before
-any work the model runs once on the first batch, so that data it cannot take fails with the
-shapes involved. The user's batches then pass through :class:`NamedLoader`, which names the
+``--data imagefolder:PATH`` is a folder of images, one sub-folder per class
+(:func:`varshift.data.image_folder_loader`, ``--image-size``, ``--no-normalize``), and
+``--data pkg.module:loader_factory`` the user's own iterable of batches; each is used for both.
+Before any work the model runs once on the first batch, so that data it cannot take fails with
+the shapes involved. The user's batches then pass through :class:`NamedLoader`, which names the
 loader in every error its iteration raises (NaN and labels out of range are refused, in one
 line, by ``measure`` and ``recalibrate_bn`` themselves).
 
@@ -17,9 +21,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from varshift.cli import CommandError
 
@@ -31,10 +35,21 @@ if TYPE_CHECKING:
     from varshift.data import SplitDataset
     from varshift.diagnose.batches import Batch
 
-__all__ = ["BUILTIN", "DEFAULT_BATCH_SIZE", "NamedLoader", "Source", "open_source"]
+__all__ = [
+    "BUILTIN",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_IMAGE_SIZE",
+    "IMAGEFOLDER",
+    "NamedLoader",
+    "Source",
+    "model_kwargs",
+    "open_source",
+]
 
 BUILTIN = "builtin:"
+IMAGEFOLDER = "imagefolder:"
 DEFAULT_BATCH_SIZE = 128
+DEFAULT_IMAGE_SIZE = 224
 
 
 @dataclass
@@ -55,28 +70,70 @@ class Source:
 
 
 def open_source(args: argparse.Namespace) -> Source:
-    """The model and the data that ``args`` (``--model``, ``--checkpoint``, ``--data``,
-    ``--batch-size``, ``--seed``, ``--batches`` and, for recalibrate, ``--samples``) name."""
+    """The model and the data that ``args`` (``--model``, ``--model-arg``, ``--checkpoint``,
+    ``--data``, ``--batch-size``, ``--image-size``, ``--no-normalize``, ``--seed``, ``--batches``
+    and, for recalibrate, ``--samples``) name."""
     from varshift.checkpoints import load_model
     from varshift.diagnose.bn_stats import batch_norms
 
+    spec = args.data.strip()
+    images = spec.lower().startswith(IMAGEFOLDER)
+    _refuse_image_options(args, images)
+    kwargs = model_kwargs(getattr(args, "model_arg", None) or [])
     _import_from_working_directory()
-    model = load_model(args.model, args.checkpoint, argument="--model")
+    model = load_model(args.model, args.checkpoint, argument="--model", **kwargs)
     if not batch_norms(model):
         raise CommandError(
             f"the model from --model {args.model} ({type(model).__name__}) has no BatchNorm "
             "layer with running statistics: there is no variance shift to diagnose or fix"
         )
-    spec = args.data.strip()
     if spec.lower().startswith(BUILTIN):
         return _builtin_source(args, model)
+    if images:
+        return _image_folder_source(args, model, spec)
     if ":" not in spec:
-        raise CommandError(f"--data must be builtin:NAME or pkg.module:function, got {spec!r}")
+        raise CommandError(
+            f"--data must be builtin:NAME, imagefolder:PATH or pkg.module:function, got {spec!r}"
+        )
     if args.batch_size is not None:
         raise CommandError(
-            "--batch-size applies to builtin: data only; a loader factory makes its own batches"
+            "--batch-size applies to builtin: and imagefolder: data only; a loader factory "
+            "makes its own batches"
         )
     return _loader_source(args, model, spec)
+
+
+def model_kwargs(pairs: Iterable[str]) -> dict[str, Any]:
+    """The keyword arguments of the ``--model-arg KEY=VALUE`` options (values read by
+    :func:`~varshift.cli.arguments.keyword_value`); a key given twice is refused."""
+    from varshift.cli.arguments import keyword_value
+
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, value = keyword_value(pair)
+        if key in kwargs:
+            raise CommandError(
+                f"--model-arg {key} is given twice ({key}={kwargs[key]!r} and {pair}): give it once"
+            )
+        kwargs[key] = value
+    return kwargs
+
+
+def _refuse_image_options(args: argparse.Namespace, images: bool) -> None:
+    """``--image-size`` and ``--no-normalize`` shape images only: with other data they would be
+    silently ignored."""
+    given = [
+        option
+        for option, value in (
+            ("--image-size", getattr(args, "image_size", None)),
+            ("--no-normalize", getattr(args, "no_normalize", False) or None),
+        )
+        if value is not None
+    ]
+    if given and not images:
+        raise CommandError(
+            f"{' and '.join(given)} apply to imagefolder: data only, got --data {args.data}"
+        )
 
 
 def _import_from_working_directory() -> None:
@@ -137,6 +194,34 @@ def _split_text(name: str, split: str, dataset: SplitDataset, size: int) -> str:
     return f"{name} {split} split ({count} samples, batches of {size})"
 
 
+# --- a folder of images --------------------------------------------------------------------------
+
+
+def _image_folder_source(args: argparse.Namespace, model: nn.Module, spec: str) -> Source:
+    from varshift.data import image_folder_loader
+
+    path = spec[len(IMAGEFOLDER) :].strip()
+    if not path:
+        raise CommandError(f"--data {IMAGEFOLDER}PATH needs the folder's path, got {spec!r}")
+    size = args.image_size or DEFAULT_IMAGE_SIZE
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    loader = image_folder_loader(
+        path,
+        image_size=size,
+        batch_size=batch_size,
+        normalize=not args.no_normalize,
+        seed=args.seed,
+    )
+    images = NamedLoader(loader, spec)
+    first = next(iter(images))
+    example = first[0]
+    normalized = "not normalized" if args.no_normalize else "ImageNet-normalized"
+    _probe(model, example, f"the images of --data {spec} (input of shape {tuple(example.shape)})")
+    count = len(cast(Sized, loader.dataset))
+    text = f"{spec} ({count} images of {size}x{size}, {normalized}, batches of {batch_size})"
+    return Source(model, images, text, images, text, example, count, len(loader))
+
+
 # --- the user's loader ---------------------------------------------------------------------------
 
 
@@ -151,8 +236,7 @@ def _loader_source(args: argparse.Namespace, model: nn.Module, spec: str) -> Sou
         loader = [loader]  # a bare tensor is one batch, as everywhere in varshift
     if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
         raise CommandError(
-            f"{text} returned an object of type {type(loader).__name__}, "
-            "not an iterable of batches"
+            f"{text} returned an object of type {type(loader).__name__}, not an iterable of batches"
         )
     one_shot = isinstance(loader, Iterator)
     batches, samples = getattr(args, "batches", None), getattr(args, "samples", None)
@@ -268,4 +352,3 @@ def _exception_text(exc: BaseException) -> str:
 
     text = one_line(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-

@@ -37,9 +37,10 @@ user's modules (:mod:`~varshift.diagnose.namespaces`), the predicted shift on ex
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,6 +62,7 @@ from varshift.diagnose.prediction import combine_shifts, predict_path_shift
 from varshift.diagnose.roles import Role, classify_module, unaffected_reason
 from varshift.diagnose.trace_fx import FxTrace, UntraceableError, fx_measure, fx_trace
 from varshift.diagnose.trace_hooks import hook_trace
+from varshift.diagnose.trace_state import forward_failure
 from varshift.layers.registry import NoiseSpec, is_stochastic, noise_spec
 
 # The report's records are part of lint's public face here, as they always were.
@@ -92,7 +94,10 @@ def lint(model: nn.Module, example_inputs: Any = None, *, method: str = "auto") 
         TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module
             (``torch.jit.script``/``torch.jit.trace``): pass the original module instead.
         ValueError: ``method`` is unknown; fx cannot trace the model (or ``method="hooks"``)
-            and ``example_inputs`` is ``None``; ``method="fx"`` and fx cannot trace the model.
+            and ``example_inputs`` is ``None``; ``method="fx"`` and fx cannot trace the model;
+            the model's own forward fails on ``example_inputs`` in training mode (one line that
+            names the input shape and the model's error, chained to it, with a hint when the
+            eval-mode forward succeeds).
 
     With ``example_inputs``, a finding's predicted shift is that of its source alone at its
     normalization's input on those inputs (:mod:`~varshift.diagnose.lint_predictions`): the
@@ -184,13 +189,29 @@ def _trace(model: nn.Module, inputs: _Inputs | None, method: str) -> _Traced:
             if inputs is None:
                 return _Traced(traced.graph, "fx")
             args = _positional(model, *inputs)
-            stats, noisy = fx_measure(model, traced, args)
+            with _model_errors_named(model, inputs):
+                stats, noisy = fx_measure(model, traced, args)
             return _Traced(traced.graph, "fx", stats, noisy, args=args, fx=traced)
     if inputs is None:
         raise ValueError("method='hooks' needs example_inputs (one batch for the model)")
-    hooked = hook_trace(model, *inputs)
+    with _model_errors_named(model, inputs):
+        hooked = hook_trace(model, *inputs)
     args = _positional(model, *inputs)
     return _Traced(hooked.graph, "hooks", hooked.stats, hooked.noisy, notes, args)
+
+
+@contextlib.contextmanager
+def _model_errors_named(model: nn.Module, inputs: _Inputs) -> Iterator[None]:
+    """A failure of the model's own forward on ``example_inputs`` as one line that names the
+    input and the reason (:func:`~varshift.diagnose.trace_state.forward_failure`); anything
+    else (a failure of lint itself) as it was."""
+    try:
+        yield
+    except Exception as error:
+        failure = forward_failure(model, *inputs, error)
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def _split_inputs(example_inputs: Any) -> _Inputs:
@@ -232,6 +253,7 @@ def _build_report(model: nn.Module, traced: _Traced) -> LintReport:
         stochastic_layers=_stochastic_layers(model, graph, feeds),
         unaffected=_unaffected(model, graph, barriers),
         notes=list(traced.notes),
+        batchnorms=_running_stat_norms(model, graph),
     )
     report.notes += _assumption_notes(report, bool(traced.stats), traced.noisy, graph)
     return report
@@ -363,6 +385,13 @@ def _unaffected(
         if node.role is Role.BARRIER and node.call_type == "function" and node.name not in named
     ]
     return found
+
+
+def _running_stat_norms(model: nn.Module, graph: DataflowGraph) -> list[str]:
+    """Every normalization with running statistics: the modules, then functional calls."""
+    names = [name for name, m in model.named_modules() if classify_module(m) is Role.TARGET]
+    names += [node.name for node in _unique(graph.nodes) if node.role is Role.TARGET]
+    return list(dict.fromkeys(names))
 
 
 def _unique(nodes: Sequence[GraphNode]) -> list[GraphNode]:

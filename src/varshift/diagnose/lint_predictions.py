@@ -5,11 +5,13 @@ stochastic nodes become :class:`~varshift.diagnose.noise_montecarlo.NoiseSource`
 BatchNorm is linear, by Monte Carlo otherwise.
 
 Which elements share one mask is not part of a :class:`~varshift.layers.registry.NoiseSpec`
-(theory's per-unit formulas do not need it); this module keeps that fact
-(:func:`register_noise_grouping`, :func:`noise_grouping`): element-wise unless said otherwise,
-per channel for torch's ``Dropout1d/2d/3d``, ``"structured"`` (Monte Carlo only) for
-DropBlock, whose blocks no grouping describes, and DropConnect, whose masks are on the weights.
-A per-sample layer (stochastic depth, DropPath) is registered here with ``"sample"``.
+(theory's per-unit formulas do not need it). The registry declares it with each stochastic
+module or function (``register_stochastic(..., grouping=...)``: per channel for torch's
+``Dropout1d/2d/3d``, per sample for torchvision's and timm's stochastic depth, ``"structured"``
+for timm's DropBlock, see :mod:`varshift.layers.zoo`); :func:`register_noise_grouping` overrides
+it, and holds ``"structured"`` (Monte Carlo only) for varshift's DropBlock, whose blocks no
+grouping describes, and DropConnect, whose masks are on the weights. :func:`noise_grouping`
+answers with both.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from varshift.diagnose.bn_stats import batch_norms as bn_layers
@@ -35,20 +36,11 @@ from varshift.layers.dropconnect import (
     drop_connect_conv2d,
     drop_connect_linear,
 )
+from varshift.layers.registry import function_mask_grouping, mask_grouping
 
 __all__ = ["DataPredictions", "noise_grouping", "predict_findings", "register_noise_grouping"]
 
 _GROUPING_NAMES: tuple[Grouping, ...] = ("element", "channel", "sample", "structured")
-_CHANNEL_WISE: tuple[object, ...] = (
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    torch.feature_dropout,
-    torch.feature_dropout_,
-)
 _STRUCTURED: tuple[object, ...] = (
     DropBlock2d,
     drop_block_2d,
@@ -57,10 +49,8 @@ _STRUCTURED: tuple[object, ...] = (
     drop_connect_linear,
     drop_connect_conv2d,
 )
-_GROUPINGS: dict[object, Grouping] = {
-    **dict.fromkeys(_CHANNEL_WISE, "channel"),
-    **dict.fromkeys(_STRUCTURED, "structured"),
-}
+# Overrides of the registry's groupings, by module class or function.
+_GROUPINGS: dict[object, Grouping] = dict.fromkeys(_STRUCTURED, "structured")
 _DRAWS = 32  # Monte Carlo forwards where a path is not linear
 _SEED = 0  # lint is deterministic: the same masks on every call
 
@@ -70,7 +60,8 @@ def register_noise_grouping(
 ) -> None:
     """Declare which elements share one mask in the noise of a stochastic module class (and its
     subclasses) or function: ``"element"``, ``"channel"`` (each (sample, channel)),
-    ``"sample"`` (stochastic depth) or ``"structured"`` (predicted by Monte Carlo only)."""
+    ``"sample"`` (stochastic depth) or ``"structured"`` (predicted by Monte Carlo only). Takes
+    precedence over the grouping the registry holds for it."""
     if grouping not in _GROUPING_NAMES:
         raise ValueError(f"grouping must be one of {_GROUPING_NAMES}, got {grouping!r}")
     if not callable(target):
@@ -78,18 +69,23 @@ def register_noise_grouping(
     _GROUPINGS[target] = grouping
 
 
-def noise_grouping(target: object) -> Grouping:
-    """The grouping of a module (its class's, the most specific registered class in its MRO)
-    or of a function; ``"element"`` when none is registered."""
+def noise_grouping(
+    target: object, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+) -> Grouping:
+    """The grouping of a module (its class's, the most specific class in its MRO registered
+    with :func:`register_noise_grouping`) or of a call ``target(*args, **kwargs)``; else the
+    one the registry declares for it (``mask_grouping``, ``function_mask_grouping``),
+    ``"element"`` unless said otherwise."""
     if isinstance(target, nn.Module):
         for cls in type(target).__mro__:
             if cls in _GROUPINGS:
                 return _GROUPINGS[cls]
-        return "element"
+        return mask_grouping(target)
     try:
-        return _GROUPINGS.get(target, "element")
+        override = _GROUPINGS.get(target)
     except TypeError:  # an unhashable target cannot have been registered
         return "element"
+    return override if override is not None else function_mask_grouping(target, args, kwargs)
 
 
 @dataclass
@@ -149,10 +145,13 @@ def _variance(graph: DataflowGraph, index: int) -> float | None:
 
 
 def _source(model: nn.Module, graph: DataflowGraph, index: int, node: fx.Node) -> NoiseSource:
-    target = model.get_submodule(str(node.target)) if node.op == "call_module" else node.target
     variance = _variance(graph, index)
     assert variance is not None  # _modelled chose it
-    return NoiseSource(graph.nodes[index].name, variance, noise_grouping(target))
+    if node.op == "call_module":
+        grouping = noise_grouping(model.get_submodule(str(node.target)))
+    else:
+        grouping = noise_grouping(node.target, node.args, node.kwargs)
+    return NoiseSource(graph.nodes[index].name, variance, grouping)
 
 
 def _predict_modules(

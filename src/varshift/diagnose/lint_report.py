@@ -8,13 +8,13 @@ and read from JSON.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["BnPrediction", "Finding", "LintReport", "StochasticLayer", "UnaffectedNorm"]
-
-_FINDING_COLUMNS = ("BN layer", "upstream noise", "p", "predicted shift", "path")
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,10 @@ class LintReport:
     """What :func:`lint` found. ``ok`` is ``True`` when no finding was made.
 
     ``method`` is ``"fx"`` or ``"hooks"``; ``predictions`` holds one :class:`BnPrediction` per
-    flagged normalization, in model order; ``notes`` holds everything else worth knowing (why
-    fx failed, which assumptions the predictions make)."""
+    flagged normalization, in model order; ``batchnorms`` names every normalization with running
+    statistics that was checked, flagged or not; ``notes`` holds everything else worth knowing
+    (why fx failed, which assumptions the predictions make). ``str(report)`` is
+    :meth:`format`."""
 
     findings: list[Finding]
     method: str
@@ -144,6 +146,7 @@ class LintReport:
     stochastic_layers: list[StochasticLayer] = field(default_factory=list)
     unaffected: list[UnaffectedNorm] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    batchnorms: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -178,6 +181,7 @@ class LintReport:
             ],
             unaffected=[UnaffectedNorm(**u) for u in data.get("unaffected", [])],
             notes=list(data.get("notes", [])),
+            batchnorms=list(data.get("batchnorms", [])),
         )
 
     @classmethod
@@ -185,41 +189,172 @@ class LintReport:
         return cls.from_dict(json.loads(text))
 
     def __str__(self) -> str:
-        lines = [f"varshift lint ({self.method}): " + self._summary()]
-        if self.findings:
-            rows = [
-                (
-                    f.bn,
-                    f.source,
-                    _format_rate(f.rate, f.rate_name),
-                    _format_shift(f.predicted_shift, f.basis, f.stderr),
-                    " -> ".join(f.path),
-                )
-                for f in self.findings
-            ]
-            lines += _text_table(_FINDING_COLUMNS, rows)
-        if self.predictions:
-            lines.append("predicted shift per BatchNorm, all its noise on:")
-            lines += [f"  {_prediction_line(p)}" for p in self.predictions.values()]
-        if self.stochastic_layers:
-            lines.append("stochastic layers:")
-            lines += [f"  {_stochastic_layer_line(layer)}" for layer in self.stochastic_layers]
-        if self.unaffected:
-            lines.append("not affected (no running statistics):")
-            for norm in self.unaffected:
-                fed = ", fed by noise" if norm.fed_by_noise else ""
-                lines.append(f"  {norm.name} ({norm.type_name}{fed}): {norm.reason}")
-        if self.notes:
-            lines.append("notes:")
-            lines += [f"  - {note}" for note in self.notes]
-        return "\n".join(lines)
+        return self.format()
 
-    def _summary(self) -> str:
+    def format(self, *, verbose: bool = False, width: int = 120) -> str:
+        """The report for a terminal: the summary line first, then one row per flagged
+        BatchNorm (how many noise sources reach it, the nearest one and its rate, the predicted
+        shift with all of them on), module paths shortened in the middle so that no line is
+        longer than ``width``; then one line each on the stochastic layers, the unaffected
+        normalizations and the notes. ``verbose=True`` lists every (BatchNorm, source) pair with
+        its full path, every stochastic layer and unaffected normalization, unshortened (lines
+        may then exceed ``width``); :meth:`to_json` keeps everything too."""
+        if width < _MIN_WIDTH:
+            raise ValueError(f"width must be at least {_MIN_WIDTH}, got {width}")
+        if verbose:
+            return "\n".join([self._summary(width=None), *_verbose_lines(self)])
+        lines = [self._summary(width=width)]
+        if self.findings:
+            lines += _bn_rows(self, width)
+        lines += _digest_lines(self, width)
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _summary(self, width: int | None) -> str:
+        head = f"varshift lint ({self.method}): "
+        checked = max(len(self.batchnorms), len(self.flagged))
         if self.ok:
-            return "no BatchNorm layer is fed by a stochastic layer"
+            return head + f"no BatchNorm layer is fed by a stochastic layer ({checked} checked)"
         count = len(self.flagged)
         layers = "layer is" if count == 1 else "layers are"
-        return f"{count} BatchNorm {layers} fed by a stochastic layer (variance shift at eval)"
+        text = head + f"{count} BatchNorm {layers} fed by a stochastic layer, of {checked}"
+        worst = _worst(self.predictions.values())
+        if worst is None:
+            return text + "; no predicted shift"
+        shift = _format_shift(worst.shift, worst.basis, worst.stderr)
+        text += f"; worst predicted shift {shift} at "
+        if width is None or len(text) + len(worst.bn) <= width:
+            return text + worst.bn
+        if len(text) + _MIN_NAME <= width:
+            return text + _shorten(worst.bn, width - len(text))
+        # A narrow terminal: the summary wraps rather than losing the name.
+        return "\n".join(_wrap(text + worst.bn, width))
+
+
+_MIN_WIDTH = 80
+_MIN_NAME = 12
+_MIN_HEAD = 4
+_ROW_COLUMNS = ("BatchNorm", "sources", "nearest source", "rate", "predicted shift")
+_VERBOSE_COLUMNS = ("BN layer", "upstream noise", "p", "predicted shift", "path")
+
+
+def _worst(predictions: Iterable[BnPrediction]) -> BnPrediction | None:
+    """The prediction with the smallest shift ratio (the largest variance shift)."""
+    known = [p for p in predictions if p.shift is not None]
+    return min(known, key=lambda p: p.shift or 0.0) if known else None
+
+
+def _shorten(text: str, room: int | None) -> str:
+    """``text`` in at most ``room`` characters, its middle replaced by ``…``: the tail kept
+    whole from a ``.`` on where it can be (the last components of a module path say the most),
+    the head filling the rest (``F.dropou…denseblock4.denselayer16``)."""
+    if room is None or len(text) <= room:
+        return text
+    if room < 3:
+        return text[:room]
+    keep = room - 1  # the ellipsis
+    starts = [i + 1 for i, char in enumerate(text) if char in ".@" and len(text) - i - 1 <= keep]
+    tail_start = min((i for i in starts if len(text) - i <= keep - _MIN_HEAD), default=None)
+    if tail_start is None:
+        tail_start = len(text) - keep // 2
+    tail = text[tail_start:]
+    return f"{text[: keep - len(tail)]}…{tail}"
+
+
+def _bn_rows(report: LintReport, width: int) -> list[str]:
+    """One row per flagged normalization, the two name columns shortened to fit ``width``."""
+    by_pair = {(f.bn, f.source): f for f in report.findings}
+    rows: list[list[str]] = []
+    for bn in report.flagged:
+        prediction = report.predictions.get(bn)
+        if prediction is None:  # a report built by hand: fall back on its findings
+            own = [f for f in report.findings if f.bn == bn]
+            nearest = min(own, key=lambda f: len(f.path))
+            count, shift = len(own), "?"
+        else:
+            nearest = by_pair.get((bn, prediction.nearest)) or next(
+                f for f in report.findings if f.bn == bn
+            )
+            count = len(prediction.sources)
+            shift = _format_shift(prediction.shift, prediction.basis, prediction.stderr)
+        rate = _format_rate(nearest.rate, nearest.rate_name, bare_p=False, spec=".3g")
+        rows.append([bn, str(count), nearest.source, rate, shift])
+    widths = [max(len(row[i]) for row in (_ROW_COLUMNS, *rows)) for i in range(5)]
+    excess = sum(widths) + 3 * (len(widths) - 1) - width
+    for column in sorted((2, 0), key=lambda c: -widths[c]):  # the longer name column first
+        if excess > 0:
+            cut = min(excess, widths[column] - max(_MIN_NAME, len(_ROW_COLUMNS[column])))
+            widths[column] -= max(cut, 0)
+            excess -= max(cut, 0)
+    shortened = [[_shorten(cell, widths[i]) for i, cell in enumerate(row)] for row in rows]
+    return _text_table(_ROW_COLUMNS, shortened)
+
+
+def _digest_lines(report: LintReport, width: int) -> list[str]:
+    """A few lines: stochastic layers by type, unaffected normalizations by type, the notes,
+    each wrapped to ``width``."""
+    lines: list[str] = []
+    layers = report.stochastic_layers
+    if layers:
+        feeding = sum(1 for layer in layers if layer.feeds_bn)
+        idle = sum(1 for layer in layers if not layer.called)
+        types = _count_types(layer.type_name for layer in layers)
+        text = f"stochastic layers: {len(layers)} ({types})"
+        verb = "feeds" if feeding == 1 else "feed"
+        text += f"; {feeding} {verb} a BatchNorm" if feeding else "; none feeds a BatchNorm"
+        text += f"; {idle} never called by forward" if idle else ""
+        lines += _wrap(text, width)
+    if report.unaffected:
+        fed = sum(1 for norm in report.unaffected if norm.fed_by_noise)
+        types = _count_types(norm.type_name for norm in report.unaffected)
+        text = f"not affected (no running statistics): {len(report.unaffected)} ({types})"
+        text += f", {fed} fed by noise" if fed else ""
+        lines += _wrap(text, width)
+    for note in report.notes:
+        lines += _wrap(f"- {note}", width, indent="  ")
+    if report.findings or layers or report.unaffected:
+        hint = "every (BatchNorm, source) pair with its path: report.format(verbose=True), "
+        lines += _wrap(hint + "varshift diagnose --verbose, to_json()", width)
+    return lines
+
+
+def _count_types(names: Iterable[str]) -> str:
+    counts = Counter(names)
+    return ", ".join(f"{count} {name}" for name, count in counts.most_common())
+
+
+def _wrap(text: str, width: int, indent: str = "    ") -> list[str]:
+    return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
+
+
+def _verbose_lines(report: LintReport) -> list[str]:
+    lines: list[str] = []
+    if report.findings:
+        rows = [
+            (
+                f.bn,
+                f.source,
+                _format_rate(f.rate, f.rate_name),
+                _format_shift(f.predicted_shift, f.basis, f.stderr),
+                " -> ".join(f.path),
+            )
+            for f in report.findings
+        ]
+        lines += _text_table(_VERBOSE_COLUMNS, rows)
+    if report.predictions:
+        lines.append("predicted shift per BatchNorm, all its noise on:")
+        lines += [f"  {_prediction_line(p)}" for p in report.predictions.values()]
+    if report.stochastic_layers:
+        lines.append("stochastic layers:")
+        lines += [f"  {_stochastic_layer_line(layer)}" for layer in report.stochastic_layers]
+    if report.unaffected:
+        lines.append("not affected (no running statistics):")
+        for norm in report.unaffected:
+            fed = ", fed by noise" if norm.fed_by_noise else ""
+            lines.append(f"  {norm.name} ({norm.type_name}{fed}): {norm.reason}")
+    if report.notes:
+        lines.append("notes:")
+        lines += [f"  - {note}" for note in report.notes]
+    return lines
 
 
 def _basis(exact: bool | None, measured: bool) -> str:
@@ -244,10 +379,14 @@ def _prediction_line(prediction: BnPrediction) -> str:
     return f"{prediction.bn}: {shift} ({count} {noun}, nearest {prediction.nearest})"
 
 
-def _format_rate(rate: float | None, name: str | None, *, bare_p: bool = True) -> str:
+def _format_rate(
+    rate: float | None, name: str | None, *, bare_p: bool = True, spec: str = "g"
+) -> str:
     if rate is None:
         return "?"
-    return f"{rate:g}" if bare_p and name in (None, "p") else f"{name or 'p'}={rate:g}"
+    if bare_p and name in (None, "p"):
+        return format(rate, spec)
+    return f"{name or 'p'}={format(rate, spec)}"
 
 
 def _stochastic_layer_line(layer: StochasticLayer) -> str:

@@ -55,7 +55,7 @@ def module_namespaces(model: nn.Module) -> tuple[list[dict[str, Any]], list[type
 def _is_patchable(value: Any) -> bool:
     return (
         isinstance(value, types.FunctionType)
-        and not (value.__module__ or "").startswith("torch")
+        and (value.__module__ or "").split(".")[0] != "torch"  # torch itself; torchvision counts
         and is_registered_function(value)
     )
 

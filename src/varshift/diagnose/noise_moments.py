@@ -439,19 +439,11 @@ class _Prediction:
                 if node not in broken[bn]:
                     ratio = _exact_ratio(eval_var, extras[bn][node])
                     one = ShiftPrediction(bn, ratio, True, None, (name,))
-                elif combined[bn].sources == (name,):
+                else:
+                    # Estimated: the combined Monte Carlo of every source reaching this BatchNorm.
+                    # One run per source alone would cost a run of `draws` forwards per finding,
+                    # quadratic in depth on a residual trunk that carries every earlier drop path.
                     one = combined[bn]
-                else:  # its own passes with every other source off
-                    single = _Prediction(
-                        self.gm,
-                        self.args,
-                        self.chosen,
-                        self.plan,
-                        self.max_groups,
-                        (node,),
-                        self.stops,
-                    )
-                    one = single.predict(draws, seed)[bn]
                 each.setdefault(bn, {})[name] = one
         return combined, each
 

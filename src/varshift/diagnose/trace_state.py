@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from varshift.layers.registry import is_stochastic
 
-__all__ = ["all_in_train_mode", "measurement_state"]
+__all__ = ["all_in_train_mode", "describe_shapes", "forward_failure", "measurement_state"]
 
 
 @contextlib.contextmanager
@@ -57,3 +58,66 @@ def measurement_state(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+def forward_failure(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
+) -> ValueError | None:
+    """Why a tracer's run on example inputs failed, when the model's own forward is the cause.
+
+    Runs ``model`` itself in the tracers' state (training mode, noise off, nothing left
+    changed): if that fails too, returns a one-line :class:`ValueError` naming the input shapes
+    and the model's error, with a hint when the eval-mode forward succeeds (a training-only
+    branch, such as Inception's auxiliary head, that needs a larger input). Returns ``None``
+    when the model's own forward succeeds: the failure is then lint's, and the caller re-raises
+    it."""
+    try:
+        with measurement_state(model):
+            model(*args, **kwargs)
+    except Exception as own:  # any failure of the user's forward is reported
+        reason = _one_line(own)
+    else:
+        return None
+    name = type(model).__name__
+    message = (
+        f"the model's training-mode forward failed on example_inputs of shape "
+        f"{describe_shapes(args, kwargs)}: {reason} — lint runs the model in training mode"
+    )
+    if _eval_forward_succeeds(model, args, kwargs):
+        message += (
+            f" ({name}'s eval-mode forward succeeds on this input, so its training-mode forward "
+            "takes another path, e.g. an auxiliary head that needs a larger input); pass a "
+            "larger example input"
+        )
+    else:
+        message += "; pass example inputs that the model's forward accepts"
+    return ValueError(message)
+
+
+def describe_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``(2, 3, 96, 96)`` for one tensor; ``[(2, 3), x=(2,)]`` for several arguments."""
+    parts = [_shape(value) for value in args]
+    parts += [f"{key}={_shape(value)}" for key, value in kwargs.items()]
+    return parts[0] if len(parts) == 1 and not kwargs else "[" + ", ".join(parts) + "]"
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    return type(value).__name__
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _eval_forward_succeeds(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    with measurement_state(model):
+        for module in model.modules():
+            module.training = False
+        try:
+            model(*args, **kwargs)
+        except Exception:  # only whether it succeeds matters here
+            return False
+    return True

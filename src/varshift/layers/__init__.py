@@ -4,10 +4,11 @@
 All are the identity in ``eval()`` and keep the mean of the signal in training (inverted
 scaling), except :class:`ClassicDropout`, which scales at test time instead, as in the original
 dropout paper. :mod:`varshift.layers.registry` tells which modules and functions are stochastic
-and which noise (in :mod:`varshift.theory` terms) each one applies.
+and which noise (in :mod:`varshift.theory` terms) each one applies; :mod:`varshift.layers.zoo`
+adds torchvision's and timm's noise layers once the user has imported those libraries.
 """
 
-from varshift.layers import functional
+from varshift.layers import functional, zoo
 from varshift.layers.dropblock import DropBlock2d, DropBlockScheduler
 from varshift.layers.dropconnect import DropConnectConv2d, DropConnectLinear, convert_to_dropconnect
 from varshift.layers.noise import ClassicDropout, GaussianDropout, Uout, VarianceStableDropout
@@ -15,6 +16,7 @@ from varshift.layers.registry import (
     NoiseSpec,
     is_stochastic,
     is_stochastic_function,
+    mask_grouping,
     noise_spec,
     register_stochastic,
     register_stochastic_function,
@@ -34,7 +36,9 @@ __all__ = [
     "functional",
     "is_stochastic",
     "is_stochastic_function",
+    "mask_grouping",
     "noise_spec",
     "register_stochastic",
     "register_stochastic_function",
+    "zoo",
 ]

@@ -287,7 +287,7 @@ def variance_stable_dropout(
     flat = x.reshape(x.shape[0], features, length)
     mask = _keep_mask(flat, q)
     # torch types Function.apply as untyped; _DropWithMoments.forward fixes what it returns.
-    dropped, mean, var = _DropWithMoments.apply(flat, mask)  # type: ignore[no-untyped-call]
+    dropped, mean, var = _DropWithMoments.apply(flat, mask)  # type: ignore[no-untyped-call, unused-ignore]
     # F.batch_norm standardizes z with its realized batch moments and applies the affine
     # weight = sqrt(v_x + ε), bias = μ_x in one fused kernel. Standardizing is invariant to
     # the 1/q of inverted dropout, so z is left unscaled and ε is scaled by q² instead:
@@ -299,7 +299,7 @@ def variance_stable_dropout(
         dropped, None, None, weight=(var + eps).sqrt(), bias=mean, training=True, eps=scaled_eps
     )
     # batch_norm's backward is slow on an expanded gradient: hand it a dense one (see the class).
-    dense: Tensor = _DenseGradient.apply(out)  # type: ignore[no-untyped-call]
+    dense: Tensor = _DenseGradient.apply(out)  # type: ignore[no-untyped-call, unused-ignore]
     return dense.reshape(x.shape)
 
 

@@ -9,6 +9,8 @@ ratio ``Δ = Var_test / Var_train`` is the variance shift.
 - :mod:`~varshift.theory.shift`: the closed-form shift (direct, and after a linear unit).
 - :mod:`~varshift.theory.montecarlo`: a Monte Carlo estimate to check the formula against.
 - :mod:`~varshift.theory.depth`: the shift at every BN of a deep noisy stack.
+- :mod:`~varshift.theory.structured`: masks shared by a sample (drop path, row and batch mode)
+  or a channel (``nn.Dropout2d``), in closed form and by simulation.
 - :mod:`~varshift.theory.checks`: the argument checks every theory function and every noise
   layer of :mod:`varshift.layers` validates through (one message form, ``TypeError`` for the
   wrong type, ``ValueError`` for a value out of range or not finite).
@@ -27,17 +29,39 @@ from varshift.theory.noise import (
     sample_noise,
 )
 from varshift.theory.shift import ShiftParts, shift_parts, variance_shift
+from varshift.theory.structured import (
+    ChannelDropoutShift,
+    RunningStats,
+    RunningStatsEstimate,
+    channel_dropout_shift_through_conv,
+    drop_path_running_stats,
+    drop_path_shift,
+    simulate_channel_dropout,
+    simulate_channel_dropout_through_conv,
+    simulate_drop_path,
+    simulate_drop_path_running_stats,
+)
 
 __all__ = [
+    "ChannelDropoutShift",
     "DepthProfile",
     "MonteCarloEstimate",
+    "RunningStats",
+    "RunningStatsEstimate",
     "ShiftParts",
+    "channel_dropout_shift_through_conv",
+    "drop_path_running_stats",
+    "drop_path_shift",
     "noise_kinds",
     "noise_variance",
     "register_noise_kind",
     "sample_noise",
     "shift_parts",
+    "simulate_channel_dropout",
+    "simulate_channel_dropout_through_conv",
     "simulate_depth",
+    "simulate_drop_path",
+    "simulate_drop_path_running_stats",
     "simulate_shift",
     "variance_ratio",
     "variance_shift",

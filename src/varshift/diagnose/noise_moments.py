@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from varshift.diagnose import noise_montecarlo as mc
 from varshift.diagnose.bn_stats import check_model
-from varshift.diagnose.noise_montecarlo import NoiseSource, NotLinearError
+from varshift.diagnose.noise_montecarlo import NoiseSource, NotLinearError, ShiftPrediction
 
 __all__ = ["NoiseSource", "ShiftPrediction", "predict_on_trace", "predict_shifts"]
 
@@ -51,22 +51,6 @@ _MOVES_ONLY = frozenset(
         "expand",
     ]
 )
-
-
-@dataclass(frozen=True)
-class ShiftPrediction:
-    """The predicted variance shift at one BatchNorm's input. ``ratio``: mean over channels of
-    ``Var_eval / Var_train`` (channels with ``Var_eval = 0`` left out), the figure
-    :attr:`varshift.diagnose.LayerShift.mean_ratio` measures. ``exact``: closed form through a
-    linear path, ``stderr`` ``None``; otherwise a Monte Carlo estimate and its standard error,
-    ``note`` saying why. ``sources``: the noise sources that reach the layer."""
-
-    bn: str
-    ratio: float
-    exact: bool
-    stderr: float | None
-    sources: tuple[str, ...]
-    note: str = ""
 
 
 def predict_shifts(
@@ -115,7 +99,7 @@ def predict_shifts(
         try:
             gm = mc.trace_with_leaves(model, {s.name for s in given or () if s.name in modules})
         except Exception as error:  # fx raises anything its tracing touches
-            return _untraced(model, args, chosen, given, draws, seed, error)
+            return mc.eager_predictions(model, args, chosen, given, draws, seed, error)
         plan = mc.resolve_sources(gm, modules, given)
         return _Prediction(gm, args, chosen, plan, max_groups).predict(draws, seed)
 
@@ -467,31 +451,6 @@ def _exact_ratio(eval_var: Tensor, extra: Tensor) -> float:
 
 def _note(names: tuple[str, ...]) -> str:
     return "" if names else _UNREACHED
-
-
-def _untraced(
-    model: nn.Module,
-    args: tuple[Any, ...],
-    chosen: Mapping[str, _BatchNorm],
-    given: list[NoiseSource] | None,
-    draws: int,
-    seed: int,
-    error: Exception,
-) -> dict[str, ShiftPrediction]:
-    """Monte Carlo for every BatchNorm, in eager mode, when fx cannot trace the model."""
-    sources = mc.torch_dropouts(model) if given is None else given
-    modules = dict(model.named_modules())
-    unknown = [s.name for s in sources if s.name not in modules]
-    if unknown:
-        raise ValueError(f"sources must name modules when fx cannot trace the model: {unknown}")
-    switches = [modules[s.name] for s in sources]
-    estimates = mc.monte_carlo_shifts(chosen, switches, lambda on: model(*args), draws, seed)
-    names = tuple(s.name for s in sources)
-    note = f"Monte Carlo, {draws} draws: fx could not trace the model ({type(error).__name__})"
-    return {
-        bn: ShiftPrediction(bn, e.ratio, False, e.stderr, names if e.moved else (), note)
-        for bn, e in estimates.items()
-    }
 
 
 def predict_on_trace(

@@ -32,6 +32,8 @@ __all__ = [
     "NoiseSource",
     "NoisyRun",
     "NotLinearError",
+    "ShiftPrediction",
+    "eager_predictions",
     "chosen_batch_norms",
     "functional_dropout",
     "is_switched_off",
@@ -433,3 +435,44 @@ def torch_dropouts(model: nn.Module) -> list[NoiseSource]:
     """A source for each of torch's dropout modules in ``model``."""
     found = (dropout_source(name, module) for name, module in model.named_modules())
     return [source for source in found if source is not None]
+
+
+@dataclass(frozen=True)
+class ShiftPrediction:
+    """The predicted variance shift at one BatchNorm's input. ``ratio``: mean over channels of
+    ``Var_eval / Var_train`` (channels with ``Var_eval = 0`` left out), the figure
+    :attr:`varshift.diagnose.LayerShift.mean_ratio` measures. ``exact``: closed form through a
+    linear path, ``stderr`` ``None``; otherwise a Monte Carlo estimate and its standard error,
+    ``note`` saying why. ``sources``: the noise sources that reach the layer."""
+
+    bn: str
+    ratio: float
+    exact: bool
+    stderr: float | None
+    sources: tuple[str, ...]
+    note: str = ""
+
+
+def eager_predictions(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    chosen: Mapping[str, _BatchNorm],
+    given: list[NoiseSource] | None,
+    draws: int,
+    seed: int,
+    error: Exception,
+) -> dict[str, ShiftPrediction]:
+    """Monte Carlo for every BatchNorm, in eager mode, when fx cannot trace the model."""
+    sources = torch_dropouts(model) if given is None else given
+    modules = dict(model.named_modules())
+    unknown = [s.name for s in sources if s.name not in modules]
+    if unknown:
+        raise ValueError(f"sources must name modules when fx cannot trace the model: {unknown}")
+    switches = [modules[s.name] for s in sources]
+    estimates = monte_carlo_shifts(chosen, switches, lambda on: model(*args), draws, seed)
+    names = tuple(s.name for s in sources)
+    note = f"Monte Carlo, {draws} draws: fx could not trace the model ({type(error).__name__})"
+    return {
+        bn: ShiftPrediction(bn, e.ratio, False, e.stderr, names if e.moved else (), note)
+        for bn, e in estimates.items()
+    }

@@ -3,35 +3,15 @@ ChannelMoments: memory bounded however many batches, the same statistics."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor
 
+from helpers.endless import CountingBatches
 from varshift.diagnose.batches import BatchStream, all_finite, is_one_shot
 from varshift.diagnose.bn_stats import ChannelMoments
-
-_CEILING = 10_000  # batches an endless test iterator yields before it gives up
-
-
-class _Counting:
-    """An endless iterator of ``(x, y)`` batches of ``size`` samples that counts what was taken."""
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.taken = 0
-        self._numbers = itertools.count()
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        self.taken = next(self._numbers) + 1
-        if self.taken > _CEILING:  # fail, rather than hang, if the budget is ignored
-            raise AssertionError(f"read {self.taken} batches of an endless iterator")
-        return torch.randn(self.size, 2), torch.zeros(self.size)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +26,7 @@ class _Counting:
 def test_an_endless_iterator_is_read_exactly_up_to_the_budget(
     budget: dict[str, int], taken: int, sizes: list[int]
 ) -> None:
-    data = _Counting()
+    data = CountingBatches(lambda: (torch.randn(8, 2), torch.zeros(8)))
     stream = BatchStream(data, **budget)  # type: ignore[arg-type]
     assert [batch.size for batch in stream] == sizes
     assert data.taken == taken  # not one item more: a one-shot iterator loses what is read

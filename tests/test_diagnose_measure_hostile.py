@@ -5,7 +5,6 @@ and leaves the model exactly as it was."""
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,10 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers.endless import CountingBatches
 from helpers.torchscript import TO_TORCHSCRIPT, TO_TORCHSCRIPT_IDS, TorchScriptConversion
 from varshift.diagnose import measure
-
-_CEILING = 10_000  # batches an endless test iterator yields before it gives up
 
 
 def _net() -> nn.Sequential:
@@ -144,26 +142,9 @@ def test_bad_data_is_a_one_line_error_and_leaves_no_trace(
 # --- endless data and budgets -----------------------------------------------------------------
 
 
-class _Endless:
-    """An endless one-shot iterator of labelled batches that counts what was taken from it."""
-
-    def __init__(self) -> None:
-        self.taken = 0
-        self._numbers = itertools.count()
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        self.taken = next(self._numbers) + 1
-        if self.taken > _CEILING:  # fail, rather than hang, if the budget is ignored
-            raise AssertionError(f"read {self.taken} batches of an endless iterator")
-        return torch.randn(8, 3), torch.randint(0, 3, (8,))
-
-
 @pytest.mark.parametrize("recalibrate", [True, False])
 def test_an_endless_generator_with_batches_ends_and_is_read_no_further(recalibrate: bool) -> None:
-    data = _Endless()
+    data = CountingBatches(lambda: (torch.randn(8, 3), torch.randint(0, 3, (8,))))
     report = measure(_net(), data, batches=5, recalibrate=recalibrate, progress=False)
     assert data.taken == 5
     assert (report.batches, report.samples) == (5, 40)
@@ -171,7 +152,7 @@ def test_an_endless_generator_with_batches_ends_and_is_read_no_further(recalibra
 
 
 def test_a_one_shot_iterator_without_batches_is_refused_before_reading() -> None:
-    data = _Endless()
+    data = CountingBatches(lambda: (torch.randn(8, 3), torch.randint(0, 3, (8,))))
     with pytest.raises(ValueError, match=r"one-shot iterator .* pass batches=N"):
         measure(_net(), data, progress=False)
     assert data.taken == 0

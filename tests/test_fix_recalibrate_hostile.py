@@ -5,7 +5,6 @@ leaves the model exactly as it was."""
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,10 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers.endless import CountingBatches
 from helpers.torchscript import TO_TORCHSCRIPT, TO_TORCHSCRIPT_IDS, TorchScriptConversion
 from varshift.fix import recalibrate_bn
-
-_CEILING = 10_000  # batches an endless test iterator yields before it gives up
 
 
 def _net() -> nn.Sequential:
@@ -153,24 +151,6 @@ def test_an_interrupt_passes_through_unwrapped_and_restores_the_statistics() -> 
 # --- endless data and budgets -----------------------------------------------------------------
 
 
-class _Counting:
-    """An endless one-shot iterator that counts how many batches were taken from it."""
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.taken = 0
-        self._numbers = itertools.count()
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return self
-
-    def __next__(self) -> Tensor:
-        self.taken = next(self._numbers) + 1
-        if self.taken > _CEILING:  # fail, rather than hang, if the budget is ignored
-            raise AssertionError(f"read {self.taken} batches of an endless iterator")
-        return torch.randn(self.size, 3)
-
-
 @pytest.mark.parametrize("exact", [False, True], ids=["one_pass", "exact"])
 @pytest.mark.parametrize(
     ("budget", "taken"),
@@ -179,13 +159,13 @@ class _Counting:
 def test_an_endless_generator_with_a_budget_ends_and_is_read_no_further(
     exact: bool, budget: dict[str, int], taken: int
 ) -> None:
-    data = _Counting()
+    data = CountingBatches(lambda: torch.randn(8, 3))
     recalibrate_bn(_net(), data, exact=exact, progress=False, **budget)  # type: ignore[arg-type]
     assert data.taken == taken
 
 
 def test_exact_on_a_one_shot_iterator_without_a_budget_is_refused_before_reading() -> None:
-    data = _Counting()
+    data = CountingBatches(lambda: torch.randn(8, 3))
     with pytest.raises(ValueError, match=r"one-shot iterator .* pass batches= or samples="):
         recalibrate_bn(_net(), data, exact=True, progress=False)
     assert data.taken == 0

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LayerShift", "ShiftReport"]
+__all__ = ["LayerShift", "ShiftReport", "channel_mean_ratio"]
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -38,6 +38,12 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 def _channel_mean(values: Tensor) -> float:
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if finite.numel() else math.nan
+
+
+def channel_mean_ratio(num: Tensor, den: Tensor) -> float:
+    """Mean over channels of ``num / den``, dead channels (``den = 0``) and non-finite ratios
+    left out; ``nan`` when none is left. The average every ratio of this report uses."""
+    return _channel_mean(_ratio(num, den))
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from varshift.diagnose import ShiftReport, measure
 from varshift.diagnose.bn_stats import batch_norms, check_model
+from varshift.diagnose.shift_report import channel_mean_ratio
 from varshift.fix import recalibrate_bn
 
 __all__ = ["PeriodicRecalibration", "Recalibration", "Recalibrator"]
@@ -200,13 +201,13 @@ class Recalibrator:
         if report is not None:
             precise = [report.layer(name).precise_var for name, _ in chosen]
             mismatch = tuple(
-                math.nan if p is None else _channel_mean_ratio(new, p)
+                math.nan if p is None else channel_mean_ratio(new, p)
                 for new, p in zip(after, precise)
             )
         return Recalibration(
             step=step,
             layers=tuple(name for name, _ in chosen),
-            var_change=tuple(_channel_mean_ratio(old, new) for old, new in zip(before, after)),
+            var_change=tuple(channel_mean_ratio(old, new) for old, new in zip(before, after)),
             seconds=time.perf_counter() - started,
             report=report,
             mismatch_after=mismatch,
@@ -297,13 +298,6 @@ def _inside(name: str, wanted: str) -> bool:
 def _cpu_var(bn: _BatchNorm) -> Tensor:
     assert bn.running_var is not None  # batch_norms() keeps only layers with statistics
     return bn.running_var.detach().double().cpu().clone()
-
-
-def _channel_mean_ratio(num: Tensor, den: Tensor) -> float:
-    """Mean over channels of ``num / den``, dead channels (``den = 0``) left out."""
-    ratio = num[den > 0] / den[den > 0]
-    finite = ratio[torch.isfinite(ratio)]
-    return float(finite.mean()) if finite.numel() else math.nan
 
 
 def _mean(values: Iterable[float | None]) -> float:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import varshift.diagnose.lint_predictions as lint_predictions
 from helpers.noise_nets import Dense, Mlp, Residual, StochasticDepthRow, images, measured, stem
-from varshift.diagnose import Finding, LintReport, lint, register_noise_grouping
+from varshift.diagnose import Finding, LintReport, lint, predict_shifts, register_noise_grouping
 from varshift.lab.trial import _predicted_shift
 from varshift.layers import (
     DropBlock2d,
@@ -304,3 +304,16 @@ def test_lint_with_predictions_leaves_the_model_as_it_was() -> None:
 def test_bad_grouping_is_refused() -> None:
     with pytest.raises(ValueError, match="grouping must be one of"):
         register_noise_grouping(PerSampleDrop, "row")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_example_inputs_are_one_line_errors_that_change_nothing(bad: float) -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.BatchNorm1d(8)).train()
+    x = torch.randn(16, 4)
+    x[3, 1] = bad
+    before = {name: t.clone() for name, t in net.state_dict().items()}
+    for predict in (lambda: lint(net, x), lambda: predict_shifts(net, x)):
+        with pytest.raises(ValueError, match=r"^example_inputs hold nan or inf values"):
+            predict()
+    assert net.training
+    assert all(torch.equal(before[name], t) for name, t in net.state_dict().items())

@@ -45,6 +45,7 @@ __all__ = [
     "check_count",
     "is_one_shot",
     "model_device",
+    "require_finite",
 ]
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "data")
@@ -89,6 +90,13 @@ def all_finite(obj: Any) -> bool:
     if isinstance(obj, (Mapping, tuple, list)):
         return all(all_finite(value) for value in values)
     return True
+
+
+def require_finite(name: str, obj: Any) -> None:
+    """``ValueError`` naming ``name`` when a tensor in ``obj`` holds nan or inf (see
+    :func:`all_finite`): statistics of such inputs would be nan, silently."""
+    if not all_finite(obj):
+        raise ValueError(f"{name} hold nan or inf values; pass finite inputs")
 
 
 def model_device(model: nn.Module) -> torch.device | None:

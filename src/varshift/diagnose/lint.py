@@ -47,6 +47,7 @@ from typing import Any
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from varshift.diagnose.batches import require_finite
 from varshift.diagnose.bn_stats import eager_module
 from varshift.diagnose.channel_stats import ChannelStats
 from varshift.diagnose.graph import DataflowGraph, GraphNode, NoisePath, noise_paths
@@ -93,11 +94,11 @@ def lint(model: nn.Module, example_inputs: Any = None, *, method: str = "auto") 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module
             (``torch.jit.script``/``torch.jit.trace``): pass the original module instead.
-        ValueError: ``method`` is unknown; fx cannot trace the model (or ``method="hooks"``)
-            and ``example_inputs`` is ``None``; ``method="fx"`` and fx cannot trace the model;
-            the model's own forward fails on ``example_inputs`` in training mode (one line that
-            names the input shape and the model's error, chained to it, with a hint when the
-            eval-mode forward succeeds).
+        ValueError: ``example_inputs`` hold nan or inf; ``method`` is unknown; fx cannot trace the
+            model (or ``method="hooks"``) and ``example_inputs`` is ``None``; ``method="fx"`` and fx
+            cannot trace the model; the model's own forward fails on ``example_inputs`` in training
+            mode (one line that names the input shape and the model's error, chained to it, with a
+            hint when the eval-mode forward succeeds).
 
     With ``example_inputs``, a finding's predicted shift is that of its source alone at its
     normalization's input on those inputs (:mod:`~varshift.diagnose.lint_predictions`): the
@@ -127,6 +128,7 @@ def lint(model: nn.Module, example_inputs: Any = None, *, method: str = "auto") 
     original = eager_module(model)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    require_finite("example_inputs", example_inputs)
     inputs = None if example_inputs is None else _split_inputs(example_inputs)
     lazy = _lazy_module_names(original)
     traced = _trace(original, inputs, method)

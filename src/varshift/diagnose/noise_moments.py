@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from varshift.diagnose import noise_montecarlo as mc
+from varshift.diagnose.batches import require_finite
 from varshift.diagnose.bn_stats import check_model
 from varshift.diagnose.noise_montecarlo import NoiseSource, NotLinearError, ShiftPrediction
 
@@ -79,10 +80,11 @@ def predict_shifts(
 
     Returns ``{bn name: ShiftPrediction}``; all Monte Carlo, saying so, when fx cannot trace.
     Raises ``TypeError`` for a non-module ``model`` or a source that is not a
-    :class:`NoiseSource`; ``ValueError`` for no BatchNorm, unknown names, ``draws < 2`` or
-    ``max_groups < 0``.
+    :class:`NoiseSource`; ``ValueError`` for nan/inf ``example_inputs``, no BatchNorm, unknown
+    names, ``draws < 2`` or ``max_groups < 0``.
     """
     check_model(model)
+    require_finite("example_inputs", example_inputs)
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     chosen = mc.chosen_batch_norms(model, batch_norms)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:

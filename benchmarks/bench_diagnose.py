@@ -32,7 +32,7 @@ from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import format_ratio_table, interleaved_medians
+from timing import format_ratio_table, interleaved_medians, intra_op_threads
 from varshift.diagnose import lint, measure
 from varshift.fix import recalibrate_bn
 
@@ -136,12 +136,8 @@ def _lint_cost(rounds: int, warmup: int) -> str:
 def main(quick: bool) -> str:
     """Time both comparisons on one intra-op thread (steadier on a shared machine; the thread
     count is restored afterwards); return the report text (two ratio tables)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> str:

@@ -3,11 +3,29 @@ against a baseline measured in the same run (never against numbers from another 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["format_ratio_table", "interleaved_medians", "median_seconds"]
+import torch
+
+__all__ = ["format_ratio_table", "interleaved_medians", "intra_op_threads", "median_seconds"]
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (``None``: keep the count), restored
+    afterwards: every benchmark runs in one process (see run_all.py)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:

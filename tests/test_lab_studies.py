@@ -28,7 +28,11 @@ EXPECTED_TRIALS = {
     "norms": {"quick": 20, "full": 100},
     "variants": {"quick": 20, "full": 80},
     "cifar-placement": {"quick": 18, "full": 45, "full-cifar100": 45},
+    "drop-path": {"quick": 6, "full": 75, "full-resnet": 25, "full-efficientnet": 25,
+                  "full-regnet": 25, "full-long-efficientnet": 15, "full-long-regnet": 15},
 }
+# Studies of timm/torchvision networks (the `zoo` extra).
+NEEDS_ZOO = {"drop-path"}
 ON_DISK = {"mnist", "fashion-mnist", "cifar10", "cifar100"}
 # One epoch on this many samples: enough to exercise every layer, BN recalibration included.
 SHRINK = {"train.epochs": 1, "data.train_size": 200, "data.test_size": 80,
@@ -41,6 +45,9 @@ def test_every_builtin_study_is_listed_here() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TRIALS))
 def test_presets_and_trial_counts(name: str) -> None:
+    if name in NEEDS_ZOO:
+        pytest.importorskip("timm")
+        pytest.importorskip("torchvision")
     study = load_study(name)
     counts = {preset: len(study.expand(preset)) for preset in study.presets}
     assert counts == EXPECTED_TRIALS[name]
@@ -62,6 +69,9 @@ def _shrunk_cells(name: str) -> list[TrialSpec]:
 
 @pytest.mark.parametrize("name", sorted(set(EXPECTED_TRIALS) - {"cifar-placement"}))
 def test_quick_preset_trains(name: str) -> None:
+    if name in NEEDS_ZOO:
+        pytest.importorskip("timm")
+        pytest.importorskip("torchvision")
     for spec in _shrunk_cells(name):
         assert spec.config.data.dataset not in ON_DISK
         assert spec.config.train.device == "cpu"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers.noise_statistics import assert_mean_within, assert_variance_within
 from varshift.layers.noise import (
     ClassicDropout,
     GaussianDropout,
@@ -30,29 +31,7 @@ from varshift.layers.noise import (
 from varshift.layers.registry import noise_spec
 from varshift.theory import shift_parts
 
-K = 5.0  # standard errors: a correct layer fails with probability ~6e-7 per check
 N_SAMPLES = 200_000
-
-
-def assert_mean_within(sample: Tensor, expected: float, variance: float) -> None:
-    """Sample mean within K standard errors sqrt(variance / n) of ``expected``."""
-    sample = sample.double().flatten()
-    stderr = math.sqrt(variance / sample.numel())
-    assert abs(sample.mean().item() - expected) <= K * stderr, (sample.mean().item(), expected)
-
-
-def assert_variance_within(sample: Tensor, expected: float, fourth: float | None = None) -> None:
-    """Unbiased sample variance within K standard errors of ``expected``, using the exact
-    Var[s²] = μ4/n − σ⁴(n − 3)/(n(n − 1)) with μ4 the fourth central moment (the sample's when
-    not given). Its O(1/n²) term matters where μ4 = σ⁴ (Bernoulli with p = 1/2)."""
-    sample = sample.double().flatten()
-    n = sample.numel()
-    var = sample.var().item()
-    if fourth is None:
-        fourth = ((sample - sample.mean()) ** 4).mean().item()
-    sigma4 = expected**2
-    stderr = math.sqrt(fourth / n - sigma4 * (n - 3) / (n * (n - 1)))
-    assert abs(var - expected) <= K * stderr, (var, expected, stderr)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ This module imports nothing else of varshift.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib
@@ -46,6 +47,7 @@ __all__ = [
     "SAFETENSORS_SUFFIX",
     "ZOO_PREFIXES",
     "call_factory",
+    "keyword_value",
     "load_checkpoint",
     "load_model",
     "read_state_dict",
@@ -114,6 +116,27 @@ def resolve_factory(spec: str, *, argument: str = "spec") -> Callable[..., Any]:
             f"{argument} {spec}: {attribute!r} is a {type(target).__name__}, not callable"
         )
     return target  # type: ignore[no-any-return]
+
+
+def keyword_value(text: str) -> tuple[str, Any]:
+    """The name and the value of a ``KEY=VALUE`` text (``drop_path_rate=0.2``), ``KEY`` a
+    Python name: the value read as a Python literal (``0.2``, ``True``, ``None``, ``(1, 2)``,
+    ``'relu'``), else kept as the plain string (``act_layer=relu`` gives ``"relu"``).
+
+    Raises:
+        ValueError: no ``=``, or ``KEY`` is not a Python name.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a keyword argument must be a KEY=VALUE text, got {text!r}")
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip().isidentifier():
+        raise ValueError(
+            f"must be KEY=VALUE with KEY a Python name (e.g. drop_path_rate=0.2), got {text!r}"
+        )
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key.strip(), value
 
 
 def call_factory(spec: str, *, argument: str = "spec", **kwargs: Any) -> Any:

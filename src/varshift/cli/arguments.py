@@ -5,11 +5,11 @@ parsed, before any work, with argparse's one-line error (``argument --x: ...``, 
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import os
 from pathlib import Path
-from typing import Any
+
+from varshift.checkpoints import keyword_value
 
 __all__ = [
     "figure_file",
@@ -85,24 +85,8 @@ def figure_file(text: str) -> str:
 def keyword_argument(text: str) -> str:
     """``KEY=VALUE`` with ``KEY`` a Python name (``drop_path_rate=0.2``), returned as it was
     typed so that a suggested command line can repeat it; :func:`keyword_value` reads it."""
-    key, equals, _ = text.partition("=")
-    if not equals:
-        raise argparse.ArgumentTypeError(
-            f"must be KEY=VALUE (e.g. drop_path_rate=0.2), got {text!r}"
-        )
-    if not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(
-            f"must be KEY=VALUE with KEY a Python name (e.g. drop_path_rate=0.2), got {text!r}"
-        )
-    return text
-
-
-def keyword_value(text: str) -> tuple[str, Any]:
-    """The name and the value of ``KEY=VALUE`` (see :func:`keyword_argument`): the value read as
-    a Python literal (``0.2``, ``True``, ``None``, ``(1, 2)``, ``'relu'``), else kept as the plain
-    string (``act_layer=relu`` gives ``"relu"``)."""
-    key, _, value = keyword_argument(text).partition("=")
     try:
-        return key.strip(), ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return key.strip(), value
+        keyword_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text

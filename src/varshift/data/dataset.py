@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
@@ -179,6 +180,35 @@ class SplitDataset:
             meta=meta,
         )
 
+    def as_images(self, size: int | None = None, channels: int | None = None) -> SplitDataset:
+        """A copy whose images are resized to ``size × size`` and have ``channels`` channels.
+
+        For networks built for larger colour images (torchvision and timm models want three
+        channels, and five stride-2 stages leave nothing of a 28×28 map): bilinear resizing with
+        antialiasing (the same interpolation for both splits, applied to the standardized
+        values, so the standardization still holds up to the interpolation's smoothing), and a
+        one-channel image repeated to ``channels``. ``None`` keeps the size or the channels.
+        """
+        if len(self.input_shape) != 3:
+            raise ValueError(
+                f"as_images needs images (C, H, W), but {self.name!r} has samples of shape "
+                f"{self.input_shape}"
+            )
+        for name, value in (("size", size), ("channels", channels)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        have = self.input_shape[0]
+        if channels is not None and channels != have and have != 1:
+            raise ValueError(
+                f"channels: only a one-channel image can be repeated, {self.name!r} has {have}"
+            )
+        meta = dict(self.meta)
+        meta["as_images"] = {"size": size, "channels": channels}
+        x_train, x_test = (_reshaped(x, size, channels) for x in (self.x_train, self.x_test))
+        return dataclasses.replace(self, x_train=x_train, x_test=x_test,
+                                   input_shape=tuple(x_train.shape[1:]), meta=meta)
+
     def _choose(
         self, split: str, y: Tensor, n: int | None, rng: np.random.Generator
     ) -> np.ndarray[Any, np.dtype[np.int64]]:
@@ -206,3 +236,12 @@ def _labels(y: NDArray[Any], what: str) -> Tensor:
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"classification {what} must hold integers, got dtype {y.dtype}")
     return torch.from_numpy(np.array(y, dtype=np.int64))  # a copy: never alias the caller's array
+
+
+def _reshaped(x: Tensor, size: int | None, channels: int | None) -> Tensor:
+    if size is not None and tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    if channels is not None and x.shape[1] != channels:
+        x = x.expand(-1, channels, -1, -1)
+    return x.contiguous()

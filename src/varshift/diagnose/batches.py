@@ -25,6 +25,7 @@ it was reading, chained to the original.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -101,7 +102,8 @@ def require_finite(name: str, obj: Any) -> None:
 
 def model_device(model: nn.Module) -> torch.device | None:
     """Device of the model's first parameter or buffer; ``None`` for a model without tensors."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    # chain, not a tuple of both: the first tensor is enough, and a large model has thousands.
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return None
 

@@ -50,6 +50,12 @@ BnMode = Literal["running", "batch", "update"]
 # Batch summaries a ChannelMoments holds before merging them into its running sums: memory stays
 # bounded on endless data, and merging stays vectorised over many batches.
 _MERGE_EVERY = 256
+# The largest mean²/variance of a channel for which ChannelMoments.add on CPU keeps the unshifted
+# float32 sums of a batch (relative error of the variance about 1e-7 · (1 + this)).
+_RAW_SUMS_MAX_CONDITION = 16.0
+# Elements of a batch up to which ChannelMoments.add shifts the whole batch: the copy stays in
+# cache, and the few tensor operations cost less than the checks of the unshifted sums.
+_SMALL_BATCH = 1 << 16
 
 
 def check_model(model: object) -> nn.Module:
@@ -124,17 +130,20 @@ def require_batch_norms(model: nn.Module, task: str) -> list[tuple[str, _BatchNo
 class ChannelMoments:
     """Pooled per-channel mean and unbiased variance of ``Tensor[N, C, *]`` batches.
 
-    Shifted-data sums: every observation is taken relative to a fixed per-channel reference
-    ``r`` (the first batch's mean), ``S1 = Σ(x−r)`` and ``S2 = Σ(x−r)²`` are summed in float64,
-    and ``mean = r + S1/N``, ``var = (S2 − S1²/N)/(N−1)``. With ``r`` near the mean,
+    Every observation is taken relative to a fixed per-channel reference ``r`` (the first
+    batch's mean): the sums ``S1 = Σ(x−r)`` and ``S2 = Σ(x−r)²`` are kept in float64, and
+    ``mean = r + S1/N``, ``var = (S2 − S1²/N)/(N−1)``. With ``r`` near the mean,
     ``E[x²] − mean²`` loses nothing to cancellation, and the result is the statistics of the
     concatenated data, whatever the batch split. A count of one observation gives ``nan``.
 
-    A batch only records a ``(2, C)`` summary (two reductions of ``x``, or a copy of the mean and
-    variance BatchNorm computed); summaries are merged into the sums vectorised, every
-    ``_MERGE_EVERY`` batches and in :meth:`result`, so that the forward hooks that feed this class
-    stay cheap and memory stays bounded however long the data. :attr:`finite` tells whether
-    every batch so far had finite statistics.
+    A batch only records a ``(2, C)`` summary: its shifted sums, or its mean and its spread
+    ``Σ(x − batch mean)²`` (two reductions of ``x``, see :meth:`add`; on CPU a large batch is
+    reduced without a shifted copy wherever that loses nothing, see :meth:`_add_cpu`), or a copy
+    of the mean and variance BatchNorm computed (:meth:`add_unbiased`). Summaries are merged
+    into the sums, vectorised, every ``_MERGE_EVERY`` batches and in :meth:`result`, and checked
+    for nan/inf only when asked (:attr:`finite`, :meth:`all_finite`, which checks many layers in
+    one go), so that the forward hooks that feed this class cost a few tensor operations and no
+    device sync, and memory stays bounded however long the data.
     """
 
     def __init__(self) -> None:
@@ -142,9 +151,11 @@ class ChannelMoments:
         self._ref: Tensor | None = None
         self._sums: Tensor | None = None  # float64 [2, C]: S1, S2 of the merged batches
         self._shifted: list[Tensor] = []  # per batch: Σ(x−r), Σ(x−r)²
-        self._moments: list[Tensor] = []  # per batch: mean, unbiased variance
-        self._moment_counts: list[int] = []
-        self._finite: Tensor | None = None  # 0-dim bool on the data's device, no sync per batch
+        self._moments: list[Tensor] = []  # per batch: mean, spread
+        self._moment_counts: list[int] = []  # observations per batch
+        self._spread_weights: list[int] = []  # spread × weight = Σ(x − batch mean)²
+        self._unchecked: list[Tensor] = []  # summaries not yet checked for nan/inf
+        self._nonfinite = False
 
     def add(self, x: Tensor) -> None:
         """Add a batch ``Tensor[N, C, *]`` (channels on dimension 1)."""
@@ -154,13 +165,41 @@ class ChannelMoments:
         # [N, C, L]: reducing the contiguous positions of each (sample, channel) first, then
         # the few samples, is markedly faster on CPU than one reduction over dims (0, 2, ...).
         flat = x.reshape(x.shape[0], channels, -1)
+        n = flat.shape[0] * flat.shape[2]
+        if flat.device.type == "cpu" and flat.numel() > _SMALL_BATCH:
+            self._add_cpu(flat, n)
+            return
         if self._ref is None:
             self._ref = flat.mean(dim=(0, 2))
         d = flat - self._ref.view(1, channels, 1)
         s1 = d.sum(dim=2).sum(dim=0)
         s2 = torch.linalg.vector_norm(d, dim=2).square().sum(dim=0)  # no d² temporary
         self._record(self._shifted, torch.stack((s1, s2)))
-        self.count += flat.shape[0] * flat.shape[2]
+        self.count += n
+
+    def _add_cpu(self, flat: Tensor, n: int) -> None:
+        """:meth:`add` on CPU, where the shifted copy ``x − r`` of the batch costs a write and a
+        read of it, as much as the two reductions: ``Σx`` and ``Σx²`` are taken from ``flat``
+        itself. Their float32 rounding error, relative to the variance, grows like
+        ``1 + mean²/var``, so the few channels with ``mean² > _RAW_SUMS_MAX_CONDITION · var``
+        are summed again about their batch mean (a copy of those channels only). Choosing them
+        reads the sums on the host: free on CPU, a sync on an accelerator, which therefore
+        keeps the shifted path."""
+        s1 = flat.sum(dim=2).double().sum(dim=0)
+        s2 = torch.linalg.vector_norm(flat, dim=2).double().square().sum(dim=0)
+        mean = s1 / n
+        spread = s2 - s1 * mean  # Σ(x − mean)², if the sums were exact
+        unsure = (mean.square() * n > _RAW_SUMS_MAX_CONDITION * spread).nonzero().flatten()
+        if unsure.numel():
+            centre = mean.index_select(0, unsure)
+            d = flat.index_select(1, unsure) - centre.to(flat.dtype).view(1, -1, 1)
+            d1 = d.sum(dim=2).double().sum(dim=0)
+            d2 = torch.linalg.vector_norm(d, dim=2).double().square().sum(dim=0)
+            mean.index_copy_(0, unsure, centre.to(flat.dtype).double() + d1 / n)
+            spread.index_copy_(0, unsure, d2 - d1.square() / n)
+        if self._ref is None:
+            self._ref = mean
+        self._record_moments(n, torch.stack((mean, spread.clamp_(min=0.0))), 1)
 
     def add_unbiased(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
         """Add a batch of ``n`` observations per channel given by its mean and unbiased
@@ -168,20 +207,36 @@ class ChannelMoments:
         if self._ref is None:
             self._ref = mean.detach().clone()
         # stack copies: the caller's tensors may be overwritten by the next batch.
-        self._moment_counts.append(n)
-        self._record(self._moments, torch.stack((mean.detach(), unbiased_var.detach())))
-        self.count += n
+        self._record_moments(n, torch.stack((mean.detach(), unbiased_var.detach())), n - 1)
 
     @property
     def finite(self) -> bool:
         """Whether every batch added so far had finite statistics (one device sync)."""
-        return self._finite is None or bool(self._finite)
+        if self._unchecked:
+            summaries = self._unchecked
+            self._unchecked = []
+            if not bool(torch.isfinite(torch.cat(summaries, dim=1)).all()):
+                self._nonfinite = True
+        return not self._nonfinite
 
-    @property
-    def finite_flag(self) -> Tensor | None:
-        """:attr:`finite` as a 0-dim bool tensor on the data's device (no sync); ``None`` before
-        the first batch."""
-        return self._finite
+    @staticmethod
+    def all_finite(group: list[ChannelMoments]) -> bool:
+        """Whether every batch added to every member of ``group`` had finite statistics: what
+        :attr:`finite` tells of each, in one device sync for the whole group when its data
+        lies on one device."""
+        if any(moments._nonfinite for moments in group):
+            return False
+        pending = [summary for moments in group for summary in moments._unchecked]
+        if not pending:
+            return True
+        if len({summary.device for summary in pending}) > 1:
+            return all(moments.finite for moments in group)
+        if not bool(torch.isfinite(torch.cat(pending, dim=1)).all()):
+            flags = [moments.finite for moments in group]  # all of them: marks every culprit
+            return all(flags)
+        for moments in group:
+            moments._unchecked = []
+        return True
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(mean, unbiased variance)``, float64 ``Tensor[C]`` on the data's device."""
@@ -195,16 +250,22 @@ class ChannelMoments:
             return mean, torch.full_like(mean, float("nan"))
         return mean, (s2 - s1.square() / self.count).clamp_(min=0.0) / (self.count - 1)
 
+    def _record_moments(self, n: int, summary: Tensor, spread_weight: int) -> None:
+        self._moment_counts.append(n)
+        self._spread_weights.append(spread_weight)
+        self._record(self._moments, summary)
+        self.count += n
+
     def _record(self, summaries: list[Tensor], summary: Tensor) -> None:
-        finite = torch.isfinite(summary).all()
-        self._finite = finite if self._finite is None else self._finite & finite
         summaries.append(summary)
+        self._unchecked.append(summary)
         if len(self._shifted) + len(self._moments) >= _MERGE_EVERY:
             self._merge()
 
     def _merge(self) -> None:
         """Fold the recorded batch summaries into ``S1``, ``S2`` and forget them."""
         assert self._ref is not None, "a batch was added"
+        _ = self.finite  # check what is about to be forgotten, so that the flag stays exact
         ref = self._ref.double()
         sums = torch.zeros((2, ref.numel()), dtype=torch.float64, device=ref.device)
         if self._sums is not None:
@@ -212,13 +273,18 @@ class ChannelMoments:
         if self._shifted:
             sums += torch.stack(self._shifted).double().sum(dim=0)
         if self._moments:
-            moments = torch.stack(self._moments).double()  # [B, 2, C]
-            n = torch.tensor(self._moment_counts, dtype=torch.float64, device=ref.device)[:, None]
+            moments = torch.stack([m.double() for m in self._moments])  # [B, 2, C]
+            counts = torch.tensor(
+                [self._moment_counts, self._spread_weights], dtype=torch.float64,
+                device=ref.device,
+            )[:, :, None]
+            n, weight = counts[0], counts[1]
             shift = moments[:, 0] - ref
             sums[0] += (n * shift).sum(dim=0)
-            sums[1] += ((n - 1) * moments[:, 1] + n * shift.square()).sum(dim=0)
+            sums[1] += (weight * moments[:, 1] + n * shift.square()).sum(dim=0)
         self._sums = sums
-        self._shifted, self._moments, self._moment_counts = [], [], []
+        self._shifted, self._moments = [], []
+        self._moment_counts, self._spread_weights = [], []
 
 
 def running_stats(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
@@ -250,8 +316,7 @@ def check_finite(batch: int, inputs: Any, layers: Iterable[tuple[str, ChannelMom
     statistics of any of ``layers`` (``(name, moments)`` in forward order). The one-line message
     names the batch, the first such BatchNorm, and whether the data or the model is to blame."""
     layers = list(layers)
-    flags = [flag for _, moments in layers if (flag := moments.finite_flag) is not None]
-    if flags and len({flag.device for flag in flags}) == 1 and bool(torch.stack(flags).all()):
+    if ChannelMoments.all_finite([moments for _, moments in layers]):
         return  # the usual case: one device sync for all the layers
     bad = list(dict.fromkeys(name for name, moments in layers if not moments.finite))
     if not bad:
@@ -296,9 +361,10 @@ class ModeControl:
 
     def __init__(self, model: nn.Module, bns: list[_BatchNorm]) -> None:
         managed = {id(bn) for bn in bns}
+        modules = list(model.modules())
         self._bns = bns
-        self._others = [m for m in model.modules() if id(m) not in managed]
-        self._saved_flags = [(m, m.training) for m in model.modules()]
+        self._others = [m for m in modules if id(m) not in managed]
+        self._saved_flags = [(m, m.training) for m in modules]
         self._saved_bn = [(bn, bn.momentum, bn.track_running_stats) for bn in bns]
 
     def restore(self) -> None:

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["FUNCTIONAL_WEIGHT_LAYERS", "module_weight_geometry", "weight_geometry"]
+__all__ = [
+    "FUNCTIONAL_WEIGHT_LAYERS",
+    "module_weight_geometry",
+    "module_weight_layer",
+    "weight_geometry",
+]
 
 FUNCTIONAL_WEIGHT_LAYERS: frozenset[Callable[..., Any]] = frozenset(
     (F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
@@ -39,14 +44,16 @@ def weight_geometry(weight: Tensor) -> tuple[int, float | None]:
     return d, float(cos2.mean())
 
 
-def module_weight_geometry(module: nn.Module) -> tuple[int | None, float | None]:
-    """``(fan_in, cos²θ)`` of a linear or convolution module, ``(None, None)`` otherwise (and
+def module_weight_layer(module: nn.Module) -> tuple[int | None, Tensor | None]:
+    """``(fan_in, weight)`` of a linear or convolution module, ``weight`` being the tensor its
+    ``cos²θ`` is read from (:func:`weight_geometry`), without reading it yet; ``weight`` is
+    ``None`` where there is no single angle, and both are ``None`` for any other module (and
     for a lazy module whose weight is not created yet)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
         return None, None
     if isinstance(module, nn.Linear):
-        return weight_geometry(weight)
+        return math.prod(weight.shape[1:]), weight
     if isinstance(module, _ConvNd):
         if module.transposed:
             # Each output of a transposed conv sums in_channels/groups × kernel / stride inputs;
@@ -54,5 +61,12 @@ def module_weight_geometry(module: nn.Module) -> tuple[int | None, float | None]
             stride = math.prod(module.stride)
             fan = module.in_channels // module.groups * math.prod(module.kernel_size)
             return max(1, fan // stride), None
-        return weight_geometry(weight)
+        return math.prod(weight.shape[1:]), weight
     return None, None
+
+
+def module_weight_geometry(module: nn.Module) -> tuple[int | None, float | None]:
+    """``(fan_in, cos²θ)`` of a linear or convolution module, ``(None, None)`` otherwise (and
+    for a lazy module whose weight is not created yet)."""
+    fan_in, weight = module_weight_layer(module)
+    return fan_in, None if weight is None else weight_geometry(weight)[1]

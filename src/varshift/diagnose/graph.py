@@ -10,6 +10,7 @@ geometry (:mod:`~varshift.diagnose.geometry`) when it is a linear/conv layer.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from varshift.diagnose.calls import call_noise_spec, function_label
 from varshift.diagnose.geometry import (
     FUNCTIONAL_WEIGHT_LAYERS,
-    module_weight_geometry,
+    module_weight_layer,
     weight_geometry,
 )
 from varshift.diagnose.roles import Role, classify_function, classify_module
@@ -37,7 +38,10 @@ class GraphNode:
     """One call in the data flow: a module call, a function call or a model input.
 
     ``fan_in`` and ``cos2`` are the weight geometry of a linear/conv call (else ``None``);
-    ``spec`` is the noise of a stochastic call (``None`` when the registry does not model it).
+    the tracers leave ``cos2`` to be read from ``weight`` on first use (:meth:`weight_cos2`):
+    most layers lie on no noise path, and reading every weight of a large model costs about
+    as much as its forward. ``spec`` is the noise of a stochastic call (``None`` when the
+    registry does not model it).
     """
 
     name: str
@@ -48,6 +52,14 @@ class GraphNode:
     spec: NoiseSpec | None = None
     fan_in: int | None = None
     cos2: float | None = None
+    weight: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def weight_cos2(self) -> float | None:
+        """``cos2``, read from ``weight`` the first time."""
+        if self.weight is not None:
+            _, self.cos2 = weight_geometry(self.weight)
+            self.weight = None
+        return self.cos2
 
 
 @dataclass(frozen=True)
@@ -77,11 +89,10 @@ class DataflowGraph:
     def add_module(self, name: str, module: nn.Module, inputs: list[int]) -> int:
         """A module call; its role, noise spec and weight geometry are read from the module."""
         role = classify_module(module)
-        fan_in, cos2 = module_weight_geometry(module)
+        fan_in, weight = module_weight_layer(module)
         spec = noise_spec(module) if role is Role.STOCHASTIC else None
-        return self.add(
-            GraphNode(name, role, inputs, "module", type(module).__name__, spec, fan_in, cos2)
-        )
+        kind = type(module).__name__
+        return self.add(GraphNode(name, role, inputs, "module", kind, spec, fan_in, None, weight))
 
     def add_function(
         self,
@@ -104,12 +115,13 @@ class DataflowGraph:
             label = label if count == 1 else f"{label}#{count}"
             spec = call_noise_spec(fn, args, kwargs)
         fan_in: int | None = None
-        cos2: float | None = None
         if weight is not None and fn in FUNCTIONAL_WEIGHT_LAYERS:
-            fan_in, cos2 = weight_geometry(weight)
-        return self.add(
-            GraphNode(label, role, inputs, "function", function_label(fn), spec, fan_in, cos2)
-        )
+            fan_in = math.prod(weight.shape[1:])
+        else:
+            weight = None
+        kind = function_label(fn)
+        node = GraphNode(label, role, inputs, "function", kind, spec, fan_in, None, weight)
+        return self.add(node)
 
 
 def noise_paths(graph: DataflowGraph) -> tuple[list[NoisePath], dict[int, set[int]]]:

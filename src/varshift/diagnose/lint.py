@@ -44,12 +44,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from varshift.diagnose.batches import require_finite
 from varshift.diagnose.bn_stats import eager_module
-from varshift.diagnose.channel_stats import ChannelStats
+from varshift.diagnose.channel_stats import ChannelStats, channel_stats
 from varshift.diagnose.graph import DataflowGraph, GraphNode, NoisePath, noise_paths
 from varshift.diagnose.lint_predictions import DataPredictions, predict_findings
 from varshift.diagnose.lint_report import (
@@ -156,13 +156,13 @@ _Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 @dataclass
 class _Traced:
-    """What one tracer found: the data-flow graph, which method ran, the measured input of each
-    stochastic node (empty without ``example_inputs``), the stochastic calls whose noise stayed
-    on during that measurement, and notes on how the trace went (why fx failed)."""
+    """What one tracer found: the data-flow graph, which method ran, the input of each
+    stochastic node on ``example_inputs`` (empty without them), the stochastic calls whose noise
+    stayed on during that measurement, and notes on how the trace went (why fx failed)."""
 
     graph: DataflowGraph
     method: str
-    stats: dict[int, ChannelStats] = field(default_factory=dict)
+    inputs: dict[int, Tensor] = field(default_factory=dict)
     noisy: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     args: tuple[Any, ...] | None = None  # example_inputs as forward's positional arguments
@@ -192,14 +192,14 @@ def _trace(model: nn.Module, inputs: _Inputs | None, method: str) -> _Traced:
                 return _Traced(traced.graph, "fx")
             args = _positional(model, *inputs)
             with _model_errors_named(model, inputs):
-                stats, noisy = fx_measure(model, traced, args)
-            return _Traced(traced.graph, "fx", stats, noisy, args=args, fx=traced)
+                measured, noisy = fx_measure(model, traced, args)
+            return _Traced(traced.graph, "fx", measured, noisy, args=args, fx=traced)
     if inputs is None:
         raise ValueError("method='hooks' needs example_inputs (one batch for the model)")
     with _model_errors_named(model, inputs):
         hooked = hook_trace(model, *inputs)
     args = _positional(model, *inputs)
-    return _Traced(hooked.graph, "hooks", hooked.stats, hooked.noisy, notes, args)
+    return _Traced(hooked.graph, "hooks", hooked.inputs, hooked.noisy, notes, args)
 
 
 @contextlib.contextmanager
@@ -237,12 +237,18 @@ def _build_report(model: nn.Module, traced: _Traced) -> LintReport:
     graph = traced.graph
     paths, barriers = noise_paths(graph)
     paths = [path for path in paths if _applies_noise(graph.nodes[path.source])]
+    # Only the sources on a path need their input's statistics.
+    stats = {
+        source: channel_stats(traced.inputs[source])
+        for source in dict.fromkeys(path.source for path in paths)
+        if source in traced.inputs
+    }
     # In execution order of the normalization layers, the nearest noise first.
     findings: dict[tuple[str, str], Finding] = {}
     for path in sorted(paths, key=lambda p: (p.sink, len(p.nodes))):
         key = (graph.nodes[path.sink].name, graph.nodes[path.source].name)
         if key not in findings:  # a module called twice: keep the shortest path
-            findings[key] = _finding(graph, path, traced.stats.get(path.source))
+            findings[key] = _finding(graph, path, stats.get(path.source))
     data = _data_predictions(model, traced, paths)
     found = [_with_data(finding, data) for finding in findings.values()]
     feeds: dict[str, list[str]] = {}
@@ -257,7 +263,7 @@ def _build_report(model: nn.Module, traced: _Traced) -> LintReport:
         notes=list(traced.notes),
         batchnorms=_running_stat_norms(model, graph),
     )
-    report.notes += _assumption_notes(report, bool(traced.stats), traced.noisy, graph)
+    report.notes += _assumption_notes(report, bool(traced.inputs), traced.noisy, graph)
     return report
 
 

@@ -2,7 +2,10 @@
 stochastic nodes become :class:`~varshift.diagnose.noise_montecarlo.NoiseSource` records, and
 :func:`~varshift.diagnose.noise_moments.predict_on_trace` predicts on the graph lint traced
 (no second trace, the same node names): in closed form where the path from a source to its
-BatchNorm is linear, by Monte Carlo otherwise.
+BatchNorm is linear, by Monte Carlo otherwise. When lint fell back to its hooks tracer, the
+module sources are predicted the same way on a trace that keeps ``torch.nn``'s modules whole,
+or, where fx cannot trace that either, by one Monte Carlo run in eager mode; either way the
+noise is followed to the first normalization it meets, as on the fx path.
 
 Which elements share one mask is not part of a :class:`~varshift.layers.registry.NoiseSpec`
 (theory's per-unit formulas do not need it). The registry declares it with each stochastic
@@ -20,15 +23,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from varshift.diagnose.bn_stats import batch_norms as bn_layers
 from varshift.diagnose.graph import DataflowGraph
-from varshift.diagnose.noise_moments import ShiftPrediction, predict_on_trace, predict_shifts
-from varshift.diagnose.noise_montecarlo import Grouping, NoiseSource
-from varshift.diagnose.roles import Role
+from varshift.diagnose.noise_moments import ShiftPrediction, predict_on_trace
+from varshift.diagnose.noise_montecarlo import (
+    EagerStops,
+    Grouping,
+    NoiseSource,
+    chosen_batch_norms,
+    model_state_kept,
+    monte_carlo_shifts,
+    trace_with_leaves,
+)
+from varshift.diagnose.roles import Role, classify_function, classify_module
 from varshift.layers.dropblock import DropBlock2d, drop_block_2d
 from varshift.layers.dropconnect import (
     DropConnectConv2d,
@@ -106,10 +116,9 @@ def predict_findings(
     pairs: Sequence[tuple[int, int]],
 ) -> DataPredictions:
     """Predictions for lint's ``(sink, source)`` node pairs on ``args``: on lint's fx graph when
-    it traced with fx (``gm`` and ``fx_nodes``: graph index → fx node), else through
-    :func:`~varshift.diagnose.noise_moments.predict_shifts` for the module sources (it traces,
-    or falls back to Monte Carlo in eager mode). Sinks that are not BatchNorm modules with
-    running statistics, and sources without a noise spec, are left out."""
+    it traced with fx (``gm`` and ``fx_nodes``: graph index → fx node), else for the module
+    sources by :func:`_predict_modules`. Sinks that are not BatchNorm modules with running
+    statistics, and sources without a noise spec, are left out."""
     batch_norms = dict(bn_layers(model))
     sinks = list(dict.fromkeys(graph.nodes[s].name for s, _ in pairs))
     sinks = [name for name in sinks if name in batch_norms]
@@ -129,7 +138,7 @@ def predict_findings(
             model, gm, args, plan, sinks, draws=_DRAWS, seed=_SEED, stops=stops
         )
         return DataPredictions(combined, alone)
-    return _predict_modules(model, graph, args, sinks, sources)
+    return _predict_modules(model, graph, args, sinks, pairs)
 
 
 def _modelled(graph: DataflowGraph) -> set[int]:
@@ -159,28 +168,67 @@ def _predict_modules(
     graph: DataflowGraph,
     args: tuple[Any, ...],
     sinks: list[str],
-    wanted: set[int],
+    pairs: Sequence[tuple[int, int]],
 ) -> DataPredictions:
-    """The hooks tracer's case: the module sources through ``predict_shifts``, all on, then
-    each alone (functional sources have no name ``predict_shifts`` knows)."""
+    """The hooks tracer's case: its module sources (functional ones have no name outside
+    lint's graph) predicted on a trace that keeps ``torch.nn``'s modules whole, with the fx
+    path's stops and seed, so that a model both tracers follow gets the same predictions; when
+    that trace fails too, one eager Monte Carlo run (:func:`_predict_eager`)."""
     modules = dict(model.named_modules())
     named = {graph.nodes[i].name for i in _modelled(graph) if graph.nodes[i].call_type == "module"}
-    sources = [
-        NoiseSource(name, _module_variance(graph, name), noise_grouping(modules[name]))
+    sources = {
+        name: NoiseSource(name, _module_variance(graph, name), noise_grouping(modules[name]))
         for name in sorted(named)
-    ]
+    }
     if not sources:
         return DataPredictions({}, {})
-    generator = torch.Generator().manual_seed(_SEED)
-    combined = predict_shifts(model, args, sources, sinks, draws=_DRAWS, generator=generator)
-    alone: dict[str, dict[str, ShiftPrediction]] = {}
-    wanted_names = {graph.nodes[i].name for i in wanted}
-    for source in (s for s in sources if s.name in wanted_names):
-        generator = torch.Generator().manual_seed(_SEED)
-        found = predict_shifts(model, args, [source], sinks, draws=_DRAWS, generator=generator)
-        for bn, prediction in found.items():
-            if source.name in prediction.sources:
-                alone.setdefault(bn, {})[source.name] = prediction
+    try:
+        gm = trace_with_leaves(model, set(sources))
+    except Exception:  # fx raises anything its tracing touches
+        reach = {(graph.nodes[sink].name, graph.nodes[source].name) for sink, source in pairs}
+        return _predict_eager(model, args, sinks, sources, reach)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    plan = {n: sources[str(n.target)] for n in calls if str(n.target) in sources}
+    stops = {n for n in gm.graph.nodes if _normalizes(gm, n)}
+    combined, alone = predict_on_trace(
+        model, gm, args, plan, sinks, draws=_DRAWS, seed=_SEED, stops=stops
+    )
+    return DataPredictions(combined, alone)
+
+
+def _normalizes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a traced call is a normalization, where lint stops following the noise."""
+    if node.op == "call_module":
+        role = classify_module(gm.get_submodule(str(node.target)))
+    elif node.op in ("call_function", "call_method"):
+        role = classify_function(node.target, node.args, node.kwargs)
+    else:
+        return False
+    return role in (Role.TARGET, Role.BARRIER)
+
+
+def _predict_eager(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    sinks: list[str],
+    sources: Mapping[str, NoiseSource],
+    reach: set[tuple[str, str]],
+) -> DataPredictions:
+    """Monte Carlo in eager mode with every module source on, the noise stopped at the first
+    normalization; as on the fx path, the estimate with all sources on also stands for each
+    source alone (a run per source would cost ``draws`` forwards per finding)."""
+    reached = {bn: [s for s in sources if (bn, s) in reach] for bn in sinks}
+    chosen = chosen_batch_norms(model, [bn for bn in sinks if reached[bn]])
+    switches = [model.get_submodule(name) for name in sources]
+    norms = [m for m in model.modules() if classify_module(m) in (Role.TARGET, Role.BARRIER)]
+    with model_state_kept(model), EagerStops(norms, lambda: model(*args)) as forward:
+        estimates = monte_carlo_shifts(chosen, switches, forward, _DRAWS, _SEED)
+    note = f"Monte Carlo, {_DRAWS} draws: fx could not trace the model"
+    combined = {
+        bn: ShiftPrediction(bn, e.ratio, False, e.stderr, tuple(reached[bn]), note)
+        for bn, e in estimates.items()
+    }
+    alone = {bn: dict.fromkeys(reached[bn], one) for bn, one in combined.items()}
     return DataPredictions(combined, alone)
 
 

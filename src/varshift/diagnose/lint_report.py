@@ -78,7 +78,7 @@ class BnPrediction:
     """The predicted shift of one flagged normalization with all its noise on.
 
     ``sources``: the noise sources counted (with ``example_inputs``, every modelled source
-    whose noise reaches it, also through an earlier BatchNorm in eval); ``nearest``: the source
+    whose noise reaches it before any other normalization); ``nearest``: the source
     of its finding with the shortest path. ``shift``: with ``example_inputs``, the exact or
     Monte Carlo prediction with all sources on together; otherwise its findings' shifts
     combined as independent noise (extra variances add). ``exact`` and ``stderr`` as in

@@ -434,7 +434,8 @@ class _Prediction:
         return combined, each
 
     def _monte_carlo(self, names: list[str], draws: int, seed: int) -> dict[str, Any]:
-        runner = mc.NoisyRun(self.gm, self.plan, self.args, self.on, self.stops)
+        recorded = [n for n, name in self.bn_nodes.items() if name in names]
+        runner = mc.NoisyRun(self.gm, self.plan, self.args, self.on, self.stops, recorded)
         switches = [
             self.gm.get_submodule(str(n.target)) for n in self.on if n.op != "call_function"
         ]

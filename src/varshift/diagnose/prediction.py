@@ -55,7 +55,7 @@ def predict_path_shift(
     if layer is None or layer.fan_in is None:
         return PathPrediction(_direct_shift(spec, stats))
     width = layer.fan_in
-    cos2 = _assumed_cos2(width, layer.cos2)
+    cos2 = _assumed_cos2(width, layer.weight_cos2())
     rho = _assumed_rho(width, stats)
     return PathPrediction(_width_shift(spec, stats, width, cos2, rho), width, cos2, rho)
 

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.fx.proxy import TraceError
 
 from varshift.diagnose.calls import call_without_noise
-from varshift.diagnose.channel_stats import ChannelStats, channel_stats
 from varshift.diagnose.graph import DataflowGraph
 from varshift.diagnose.namespaces import module_namespaces, stochastic_names
 from varshift.diagnose.roles import Role, is_atomic_module
@@ -137,13 +136,13 @@ def _attribute_value(gm: fx.GraphModule, target: str) -> Any:
 
 
 class _Measure(fx.Interpreter):
-    """Runs the traced graph once, recording the input of every stochastic node and running
-    each noise layer with its noise off."""
+    """Runs the traced graph once, keeping (a copy of) the input of every stochastic node and
+    running each noise layer with its noise off."""
 
     def __init__(self, trace: FxTrace) -> None:
         super().__init__(trace.module)
         self.trace = trace
-        self.stats: dict[int, ChannelStats] = {}
+        self.inputs: dict[int, Tensor] = {}
         self.noisy: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
@@ -153,7 +152,7 @@ class _Measure(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if first is not None:
-            self.stats[index] = channel_stats(first)
+            self.inputs[index] = first.detach().clone()  # the model may write into it later
         if n.op != "call_function":
             return super().run_node(n)  # a noise module, already in eval() here
         result, switched_off = call_without_noise(n.target, args, kwargs)  # type: ignore[arg-type]
@@ -164,10 +163,12 @@ class _Measure(fx.Interpreter):
 
 def fx_measure(
     model: nn.Module, trace: FxTrace, args: tuple[Any, ...]
-) -> tuple[dict[int, ChannelStats], list[str]]:
-    """Input statistics of every stochastic node on ``args``; also the names of stochastic
-    functions whose noise could not be switched off for the run."""
+) -> tuple[dict[int, Tensor], list[str]]:
+    """The input of every stochastic node on ``args`` (its statistics are computed only for
+    the nodes on a noise path: :func:`~varshift.diagnose.channel_stats.channel_stats` on a
+    large model costs more than its forward); also the names of stochastic functions whose
+    noise could not be switched off for the run."""
     runner = _Measure(trace)
     with measurement_state(model):
         runner.run(*args)
-    return runner.stats, runner.noisy
+    return runner.inputs, runner.noisy

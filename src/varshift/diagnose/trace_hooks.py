@@ -32,7 +32,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from varshift.diagnose.calls import call_without_noise, is_inplace_call
-from varshift.diagnose.channel_stats import ChannelStats, channel_stats
 from varshift.diagnose.graph import DataflowGraph
 from varshift.diagnose.namespaces import replaced_stochastic_functions
 from varshift.diagnose.roles import Role, classify_function, classify_module, is_atomic_module
@@ -43,11 +42,11 @@ __all__ = ["HookTrace", "hook_trace"]
 
 @dataclass
 class HookTrace:
-    """The recorded graph, the input statistics of each stochastic node, and the stochastic
+    """The recorded graph, (a copy of) the input of each stochastic node, and the stochastic
     functions whose noise could not be switched off during the run."""
 
     graph: DataflowGraph
-    stats: dict[int, ChannelStats]
+    inputs: dict[int, Tensor]
     noisy: list[str]
 
 
@@ -67,7 +66,7 @@ class _Recorder(TorchFunctionMode):
         self.alive: list[Tensor] = []
         self.frames: list[_Frame] = []
         self.suppress = 0
-        self.stats: dict[int, ChannelStats] = {}
+        self.inputs: dict[int, Tensor] = {}
         self.noisy: list[str] = []
 
     # -- tensors -------------------------------------------------------------------------
@@ -143,7 +142,7 @@ class _Recorder(TorchFunctionMode):
             (leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)), None
         )
         if first is not None:
-            self.stats[index] = channel_stats(first)
+            self.inputs[index] = first.detach().clone()  # the model may write into it later
 
     # -- functions -----------------------------------------------------------------------
     def __torch_function__(
@@ -222,4 +221,4 @@ def hook_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     finally:
         for handle in handles:
             handle.remove()
-    return HookTrace(recorder.graph, recorder.stats, recorder.noisy)
+    return HookTrace(recorder.graph, recorder.inputs, recorder.noisy)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from varshift.checkpoints import keyword_value
 from varshift.data import dataset_names
 from varshift.lab.architectures import (
     CIFAR_ARCHITECTURES,
@@ -84,7 +85,7 @@ _DROPOUT_ALIASES = {"spatial": "dropout2d", "spatial_dropout": "dropout2d"}
 NORM_KINDS = ("batch", "layer", "group", "instance", "none")
 ACTIVATIONS = ("relu", "elu", "selu", "gelu", "leaky_relu", "sigmoid", "tanh")
 TASKS = ("auto", "classification", "regression", "autoencoding")
-ARCHITECTURES = ("plain", "densenet", *CIFAR_ARCHITECTURES)
+ARCHITECTURES = ("plain", "densenet", *CIFAR_ARCHITECTURES, "zoo")
 # A checker validates one value found at ``path``: it returns the canonical value, or appends
 # ``"path: message"`` lines to ``problems`` (and returns anything; the caller discards it).
 Checker = Callable[[Any, str, list[str]], Any]
@@ -202,6 +203,28 @@ def _dataset_name(value: Any, path: str, problems: list[str]) -> Any:
     return name
 
 
+def _optional_model_spec(value: Any, path: str, problems: list[str]) -> Any:
+    """``None`` or ``"prefix:name"`` as :func:`varshift.checkpoints.load_model` reads it (the
+    name is resolved when the trial builds the model: the library may be absent here)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.partition(":")[2].strip():
+        problems.append(f"{path}: expected 'timm:NAME', 'torchvision:NAME' or "
+                        f"'package.module:factory', got {_value_and_type(value)}")
+    return value
+
+
+def _keyword_text(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(f"{path}: expected a 'KEY=VALUE' text, got {_value_and_type(value)}")
+        return value
+    try:
+        keyword_value(value)
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+    return value
+
+
 def _boolean(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, bool):
         problems.append(f"{path}: expected true or false, got {_value_and_type(value)}")
@@ -268,9 +291,15 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _key(default: Any, check: Checker) -> Any:
-    """A section field: its default and the checker that validates a given value."""
-    return field(default=default, metadata={"check": check})
+def _key(default: Any, check: Checker, *, hashed_at_default: bool = True) -> Any:
+    """A section field: its default and the checker that validates a given value.
+
+    ``hashed_at_default=False`` is for keys added after studies were recorded: at their default
+    they stay out of :meth:`TrialConfig.config_hash`, so a database written before the key
+    existed still recognises its trials (and resumes instead of starting over).
+    """
+    return field(default=default,
+                 metadata={"check": check, "hashed_at_default": hashed_at_default})
 
 
 def _required_key(check: Checker) -> Any:
@@ -297,7 +326,10 @@ class DataConfig:
     """Which data: a built-in dataset name or an on-disk spec (see :mod:`varshift.data`),
     optional subset sizes (``None`` = the whole split), the seed that picks the subset (fixed
     across trial seeds, so every seed of every arm sees the same samples) and the task
-    (``auto`` = the dataset's own; ``autoencoding`` reconstructs the inputs)."""
+    (``auto`` = the dataset's own; ``autoencoding`` reconstructs the inputs). ``image_size`` and
+    ``channels`` adapt images to networks built for larger colour images: resized to
+    ``image_size × image_size`` (bilinear), a one-channel image repeated to ``channels``
+    (see :meth:`varshift.data.SplitDataset.as_images`)."""
 
     SECTION: ClassVar[str] = "data"
 
@@ -306,6 +338,8 @@ class DataConfig:
     test_size: int | None = _key(None, _optional_size)
     seed: int = _key(0, _integer(0, MAX_SEED))
     task: str = _key("auto", _choice(TASKS))
+    image_size: int | None = _key(None, _optional_integer, hashed_at_default=False)
+    channels: int | None = _key(None, _optional_integer, hashed_at_default=False)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -324,7 +358,13 @@ class ModelConfig:
     ``width_factor`` (absent: PreAct-ResNet-18 with k = 4, WRN-28-10, DenseNet-BC-100 with
     ``growth``/``bottleneck``/``compression``); their blocks are the stages, so a per-block
     ``dropout.rate`` is per stage. ``norm_*`` set the norm layers: momentum and eps in PyTorch's
-    convention (Keras' ``momentum=0.99`` is ``norm_momentum = 0.01``), initial γ and β."""
+    convention (Keras' ``momentum=0.99`` is ``norm_momentum = 0.01``), initial γ and β.
+    ``architecture = "zoo"``: the network ``zoo`` names (``"timm:resnet18"``,
+    ``"torchvision:efficientnet_b0"`` or ``"package.module:factory"``, see
+    :func:`varshift.checkpoints.load_model`), called with ``zoo_args`` (``"KEY=VALUE"`` texts as
+    ``--model-arg`` takes them), ``num_classes`` and ``drop_path_rate`` (passed as timm's
+    ``drop_path_rate`` or torchvision's ``stochastic_depth_prob``); the other model keys do not
+    apply, and the network's own norms and noise are used (set ``dropout.kind = "none"``)."""
 
     SECTION: ClassVar[str] = "model"
 
@@ -350,6 +390,11 @@ class ModelConfig:
     compression: float = _key(0.5, _number_in_range(0.0, 1.0, open_low=True))
     depth: int | None = _key(None, _optional_integer)
     width_factor: int | None = _key(None, _optional_integer)
+    zoo: str | None = _key(None, _optional_model_spec, hashed_at_default=False)
+    zoo_args: tuple[str, ...] = _key((), _sequence(_keyword_text, allow_empty=True),
+                                     hashed_at_default=False)
+    drop_path_rate: float = _key(0.0, _number_in_range(0.0, 1.0, open_high=True),
+                                 hashed_at_default=False)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -416,13 +461,16 @@ class AutoencoderConfig:
 @dataclass(frozen=True)
 class MeasureConfig:
     """The end-of-trial measurements: test samples used for the per-BN variance shift and
-    training samples used to re-estimate BN statistics with dropout off (``None`` = all)."""
+    training samples used to re-estimate BN statistics with dropout off (``None`` = all), and
+    the first test samples lint predicts the shift on (``None``: the shift samples; fewer keep
+    the Monte Carlo estimates of large networks cheap)."""
 
     SECTION: ClassVar[str] = "measure"
 
     shift_samples: int | None = _key(1000, _optional_size)
     recal_samples: int | None = _key(None, _optional_size)
     recalibrate: bool = _key(True, _boolean)
+    predict_samples: int | None = _key(None, _optional_size, hashed_at_default=False)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -549,6 +597,31 @@ def _cross_checks(config: TrialConfig, bad: set[str]) -> list[str]:
                         f"dropout.kind is {dropout.kind!r}")
     if config.data.task == "autoencoding" and ok("data.task", "model.architecture"):
         problems += _autoencoder_problems(config)
+    if ok("model.architecture", "model.zoo", "dropout.kind"):
+        problems += _zoo_problems(config)
+    return problems
+
+
+def _zoo_problems(config: TrialConfig) -> list[str]:
+    """A zoo network needs its name, brings its own noise, and its keys mean nothing elsewhere
+    (so that two spellings of one plain network cannot hash differently)."""
+    model, dropout = config.model, config.dropout
+    if model.architecture != "zoo":
+        return [f"model.{key}: used only by architecture 'zoo', not {model.architecture!r}"
+                for key, unset in (("zoo", model.zoo is None), ("zoo_args", not model.zoo_args),
+                                   ("drop_path_rate", model.drop_path_rate == 0.0))
+                if not unset]
+    problems = []
+    if model.zoo is None:
+        problems.append("model.zoo: architecture 'zoo' needs the network's name, e.g. "
+                        "'timm:resnet18' or 'torchvision:efficientnet_b0'")
+    if dropout.kind != "none" or dropout.head_at != "none":
+        problems.append("dropout.kind: a zoo network keeps its own dropout and drop path "
+                        "(model.drop_path_rate); set dropout.kind = 'none' and leave "
+                        "dropout.head_at unset")
+    if config.data.task == "autoencoding":
+        problems.append("data.task: architecture 'zoo' builds classifiers and regressors, "
+                        "not autoencoders")
     return problems
 
 
@@ -703,8 +776,16 @@ class TrialConfig:
                 for name in _SECTIONS}
 
     def config_hash(self) -> str:
-        """First 16 hex digits of the SHA-256 of the canonical JSON of :meth:`to_dict`."""
-        return canonical_hash(self.to_dict())
+        """First 16 hex digits of the SHA-256 of the canonical JSON of :meth:`to_dict`, less the
+        keys added later that are at their default (see ``hashed_at_default``)."""
+        hashed = self.to_dict()
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                optional = not f.metadata.get("hashed_at_default", True)
+                if optional and getattr(section, f.name) == f.default:
+                    del hashed[name][f.name]
+        return canonical_hash(hashed)
 
     def updated(self, changes: Mapping[str, Any]) -> TrialConfig:
         """A validated copy with ``changes`` (dotted keys or nested tables) applied."""

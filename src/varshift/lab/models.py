@@ -14,6 +14,8 @@ norm-act-conv3-drop and its output is concatenated to its input. ``preact_resnet
 ``dropout.rate`` is their dropout inside the blocks, ``dropout.head_*`` the one before the
 classifier.
 
+``architecture = "zoo"`` is a timm or torchvision network (:mod:`varshift.lab.zoo_nets`).
+
 ``task = "autoencoding"`` builds a sparse autoencoder: the blocks are the encoder (their output
 is the code), one linear layer decodes.
 
@@ -54,6 +56,7 @@ from varshift.lab.config import (
     order_tokens,
     per_block,
 )
+from varshift.lab.zoo_nets import build_zoo_model
 from varshift.layers import (
     ClassicDropout,
     DropBlock2d,
@@ -405,6 +408,8 @@ def build_model(config: TrialConfig, input_shape: Sequence[int], num_outputs: in
                          f"got {dims}")
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive integer, got {num_outputs!r}")
+    if config.model.architecture == "zoo":
+        return build_zoo_model(config.model, dims, num_outputs)
     builder = _Builder(config)
     shape = _Shape(dims[0], dims[1:])
     net: nn.Module

@@ -60,7 +60,23 @@ class _Tensors:
 
 @functools.lru_cache(maxsize=8)
 def _cached_data(dataset: str, data_dir: str | None, seed: int, train_size: int | None,
-                 test_size: int | None) -> SplitDataset:
+                 test_size: int | None, image_size: int | None = None,
+                 channels: int | None = None) -> SplitDataset:
+    data = _cached_subset(dataset, data_dir, seed, train_size, test_size)
+    if image_size is None and channels is None:
+        return data
+    if len(data.input_shape) != 3:
+        raise ConfigError([f"data.image_size: {dataset!r} has samples of shape "
+                           f"{data.input_shape}, not images (C, H, W)"])
+    try:
+        return data.as_images(image_size, channels)
+    except ValueError as exc:
+        raise ConfigError([f"data.channels: {exc}"]) from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_subset(dataset: str, data_dir: str | None, seed: int, train_size: int | None,
+                   test_size: int | None) -> SplitDataset:
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
     problems = [f"data.{split}_size: {size} is more than the {len(x)} {split}ing samples of "
                 f"{dataset!r}" for split, size, x in (("train", train_size, data.x_train),
@@ -77,12 +93,13 @@ def load_trial_data(config: TrialConfig, data_dir: str | Path | None = None) -> 
     """The (subset of the) dataset ``config`` trains on, loaded once per process."""
     spec = config.data
     return _cached_data(spec.dataset, None if data_dir is None else str(data_dir), spec.seed,
-                        spec.train_size, spec.test_size)
+                        spec.train_size, spec.test_size, spec.image_size, spec.channels)
 
 
 def clear_data_cache() -> None:
     """Forget the datasets this process has loaded."""
     _cached_data.cache_clear()
+    _cached_subset.cache_clear()
 
 
 def _device(config: TrialConfig) -> torch.device:
@@ -237,12 +254,12 @@ def _eval_batches(x: Tensor, limit: int | None) -> list[Tensor]:
     return [x[start:start + EVAL_BATCH] for start in range(0, len(x), EVAL_BATCH)]
 
 
-def _layer_shift(model: nn.Module, x_test: Tensor,
-                 samples: int | None) -> tuple[LayerShiftRecord, ...]:
+def _layer_shift(model: nn.Module, x_test: Tensor, samples: int | None,
+                 predict_samples: int | None) -> tuple[LayerShiftRecord, ...]:
     """Per-BatchNorm variance shift of the trained model on test inputs (dropout on vs off)."""
     batches = _eval_batches(x_test, samples)
     report = measure(model, batches, recalibrate=False, progress=False)
-    predicted = _predicted_shift(model, batches[0])
+    predicted = _predicted_shift(model, batches[0][:predict_samples])
     return tuple(
         LayerShiftRecord(layer=layer.name, depth=layer.depth,
                          train_var=float(layer.train_var.mean()),
@@ -380,7 +397,8 @@ def _measure(trainer: _Trainer, final: dict[str, float],
     shift: tuple[LayerShiftRecord, ...] = ()
     if _has_batch_norm(trainer.model):
         shift = _layer_shift(trainer.model, trainer.data.x_test,
-                             trainer.config.measure.shift_samples)
+                             trainer.config.measure.shift_samples,
+                             trainer.config.measure.predict_samples)
         if trainer.config.measure.recalibrate:
             recal = _recalibrated(trainer)
             _check_finite(recal, "after recalibrating BatchNorm")

@@ -29,11 +29,29 @@ naming the argument, its range and the value, for a rate out of range or not fin
 
 The functions are ``torch.fx`` leaves (``torch.fx.wrap``): a traced model shows one
 ``call_function`` node per layer, which :mod:`varshift.layers.registry` recognises.
+
+Speed on CPU. :func:`gaussian_dropout` and :func:`uout` are memory-bound: the noise-free floor
+(``x * 1.0`` forward and backward) allocates, writes and reads two full tensors, and a fresh
+allocation of a large tensor costs page faults that weigh as much as the arithmetic. When
+autograd records the call (eager mode, CPU, ``x.requires_grad``) on a large input (at least 2²⁰
+elements; below that its Python overhead outweighs the saving), the layer runs as one
+autograd node that draws the noise exactly as the reference expression
+``x * torch.empty_like(x).uniform_(…)`` does (same generator calls, so the same numbers under
+``torch.manual_seed``) and computes the input gradient ``m·dy`` in the noise's own buffer instead
+of a new one. A second backward through the same graph (``retain_graph=True``) re-draws the
+noise from the generator state saved in the forward, so it sees the same ``m``. Under
+``torch.compile``, ``torch.jit.trace``, ``torch.func`` transforms, ``torch.no_grad`` and on
+other devices the reference expression runs as it is. :func:`classic_dropout` takes the same
+path with its 0/1 mask, and :func:`variance_stable_dropout` builds its input gradient in its
+mask's buffer the same way. What remains above the floor is mostly torch's CPU random-number
+generator (a serial Mersenne Twister), whose fill alone costs about as much as the floor; see
+``benchmarks/bench_layers.py`` and docs/layers.md ("Performance").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -79,13 +97,113 @@ _VARIANCE_STABLE_EPS = Interval(
 )
 
 
-def _keep_mask(x: Tensor, q: float) -> Tensor:
-    """A 0/1 mask shaped like ``x`` (same dtype and device) with ``P(1) = q``.
+_Draw = Callable[[Tensor, "torch.Generator | None"], Tensor]
+"""Fills its first argument in place with noise from the generator (the default one for
+``None``) and returns it."""
+
+
+def _keep_draw(q: float) -> _Draw:
+    """Fills with a 0/1 mask, ``P(1) = q``.
 
     ``uniform_ < q`` instead of ``bernoulli_(q)``: the same distribution (up to the grid of
     the dtype's uniforms, ``2⁻²⁴`` for float32), several times faster on CPU, where torch's
     ``bernoulli_(q)`` is the bottleneck of ``nn.Dropout``."""
-    return torch.empty_like(x).uniform_().lt_(q)
+    return lambda buffer, generator: buffer.uniform_(generator=generator).lt_(q)
+
+
+class _NoiseProduct(torch.autograd.Function):
+    """``y = x·m`` for noise ``m = draw(empty_like(x))``, with ``dx = m·dy`` computed in ``m``'s
+    own buffer: one full-size allocation fewer than autograd's ``x * m``, which matters on CPU
+    where a fresh large tensor costs page faults (see the module docstring, "Speed on CPU").
+
+    ``m`` is drawn exactly as the reference expression draws it (same generator, same calls),
+    so the output and gradient are bitwise those of ``x * draw(empty_like(x), None)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, draw: _Draw) -> Tensor:
+        # The state before the draw; only the CPU generator's, hence CPU-only (_takes_fast_path).
+        ctx.reusable_noise = _ReusableNoise(draw, torch.get_rng_state())
+        noise = draw(torch.empty_like(x), None)
+        ctx.save_for_backward(noise)
+        return x * noise
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (noise,) = ctx.saved_tensors
+        return ctx.reusable_noise.times(noise, grad), None
+
+
+class _ReusableNoise:
+    """A saved noise buffer that a backward may overwrite with its gradient ``m·dy`` (saving a
+    full-size allocation), and the means to draw the same ``m`` again for any later backward
+    through a retained graph: the drawing function and the CPU generator state from before the
+    draw.
+
+    With ``create_graph`` the product is computed out of place, as a differentiable ``dy·m``;
+    the graph it records keeps the buffer, so from then on the buffer is never overwritten."""
+
+    def __init__(self, draw: _Draw, rng_state: Tensor) -> None:
+        self.draw = draw
+        self.rng_state = rng_state
+        self.consumed = False  # the buffer holds an earlier backward's gradient
+        self.shared = False  # a graph recorded with create_graph reads the buffer
+
+    def times(self, noise: Tensor, grad: Tensor) -> Tensor:
+        """``noise·grad`` for the saved ``noise`` buffer."""
+        if self.consumed:
+            noise = _redraw(self.draw, self.rng_state, noise)  # a fresh buffer, ours alone
+        elif torch.is_grad_enabled():
+            self.shared = True
+        if torch.is_grad_enabled() or self.shared:
+            return grad * noise
+        self.consumed = True
+        # `.data`: writing through it does not bump the saved tensor's version, which would
+        # make a retained graph refuse to unpack it; `consumed` tells the next call.
+        return noise.data.mul_(grad)
+
+
+def _redraw(draw: _Draw, rng_state: Tensor, like: Tensor) -> Tensor:
+    """The noise ``draw`` gave from the CPU generator state ``rng_state``, laid out as ``like``
+    (the element order of a fill follows the memory layout)."""
+    generator = torch.Generator()
+    generator.set_state(rng_state)
+    buffer = torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device)
+    return draw(buffer, generator)
+
+
+_FAST_PATH_MIN_NUMEL = 1 << 20
+"""Smallest input (elements) for the fast path (:class:`_NoiseProduct`, and the reused mask
+of :func:`variance_stable_dropout`). The Python overhead of :class:`_NoiseProduct` (about
+25 µs forward and backward) outweighs the allocation it saves below a few hundred thousand
+elements, where small tensors come from the allocator's cache; from 2²⁰ elements (4 MiB in
+float32) on, fresh pages make the saved allocation worth more (measured on CPU, one thread)."""
+
+
+def _takes_fast_path(x: Tensor) -> bool:
+    """Whether ``x`` is large and eager autograd records an op on it on CPU: where
+    :class:`_NoiseProduct` pays.
+
+    Tracers, compilers and ``torch.func`` transforms get the plain expression:
+    ``torch.compile`` fuses it itself, and ``torch.jit.trace`` should record ordinary ops."""
+    return (
+        x.numel() >= _FAST_PATH_MIN_NUMEL
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()  # torch.jit.is_tracing, which is untyped
+        # torch.func (grad, vmap) needs a setup_context-style Function: plain ops there.
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _multiply_by_noise(x: Tensor, draw: _Draw) -> Tensor:
+    """``x * draw(empty_like(x), None)``, through :class:`_NoiseProduct` where it is faster."""
+    if _takes_fast_path(x):
+        # torch types Function.apply as untyped; _NoiseProduct.forward returns a Tensor.
+        product: Tensor = _NoiseProduct.apply(x, draw)  # type: ignore[no-untyped-call, unused-ignore]
+        return product
+    return x * draw(torch.empty_like(x), None)
 
 
 class _DropWithMoments(torch.autograd.Function):
@@ -98,20 +216,25 @@ class _DropWithMoments(torch.autograd.Function):
     (``torch.batch_norm_update_stats``, two passes without temporaries, stable when
     ``|mean| ≫ std``; ``torch.var_mean`` over (0, 2) is several times slower), and the whole
     input gradient ``dx = mask·d_dropped + (d_mean + 2·d_var·(x − mean))/n`` is built in one
-    full-size buffer (autograd would allocate one per term and sum them).
+    full-size buffer (autograd would allocate one per term and sum them): the mask's own, where
+    ``reusable`` (given on the noise layers' fast path) can draw the mask again for a later
+    backward through a retained graph.
     """
 
     @staticmethod
-    def forward(ctx: Any, flat: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any, flat: Tensor, mask: Tensor, reusable: _ReusableNoise | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         # No running statistics are passed, so none are updated and momentum is unused.
         mean, var = torch.batch_norm_update_stats(flat, None, None, 0.0)
         ctx.save_for_backward(flat, mask, mean)
+        ctx.reusable_mask = reusable
         return flat * mask, mean, var
 
     @staticmethod
     def backward(
         ctx: Any, grad_dropped: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None
-    ) -> tuple[Tensor, None]:
+    ) -> tuple[Tensor, None, None]:
         flat, mask, mean = ctx.saved_tensors
         n = flat.shape[0] * flat.shape[2]
         zeros = torch.zeros_like(mean)
@@ -119,8 +242,14 @@ class _DropWithMoments(torch.autograd.Function):
         offset = (zeros if grad_mean is None else grad_mean / n) - slope * mean
         # Full-size operands first, per-feature broadcasts in place after: measured faster
         # on CPU than addcmul with a broadcast `self`.
-        grad = torch.zeros_like(flat) if grad_dropped is None else grad_dropped * mask
-        return grad.addcmul_(flat, slope[:, None]).add_(offset[:, None]), None
+        reusable: _ReusableNoise | None = ctx.reusable_mask
+        if grad_dropped is None:
+            grad = torch.zeros_like(flat)
+        elif reusable is None:
+            grad = grad_dropped * mask
+        else:  # the mask's buffer becomes the gradient (see _ReusableNoise)
+            grad = reusable.times(mask, grad_dropped)
+        return grad.addcmul_(flat, slope[:, None]).add_(offset[:, None]), None, None
 
 
 class _DenseGradient(torch.autograd.Function):
@@ -160,8 +289,8 @@ def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor
     check_floating("x", x)
     if not training or p == 0.0:
         return x
-    noise = torch.empty_like(x).normal_(1.0, math.sqrt(p / (1.0 - p)))
-    return x * noise
+    std = math.sqrt(p / (1.0 - p))
+    return _multiply_by_noise(x, lambda buffer, gen: buffer.normal_(1.0, std, generator=gen))
 
 
 def uout(x: Tensor, beta: float = 0.1, training: bool = True) -> Tensor:
@@ -182,7 +311,8 @@ def uout(x: Tensor, beta: float = 0.1, training: bool = True) -> Tensor:
     check_floating("x", x)
     if not training or beta == 0.0:
         return x
-    return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
+    low, high = 1.0 - beta, 1.0 + beta
+    return _multiply_by_noise(x, lambda buffer, gen: buffer.uniform_(low, high, generator=gen))
 
 
 def classic_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -211,7 +341,7 @@ def classic_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     q = 1.0 - p
     if not training:
         return x * q
-    return x * _keep_mask(x, q)
+    return _multiply_by_noise(x, _keep_draw(q))
 
 
 def variance_stable_dropout(
@@ -285,9 +415,12 @@ def variance_stable_dropout(
             f"got input of shape {tuple(x.shape)}"
         )
     flat = x.reshape(x.shape[0], features, length)
-    mask = _keep_mask(flat, q)
+    draw = _keep_draw(q)
+    # The mask's buffer can hold the gradient where the noise layers' fast path applies.
+    reusable = _ReusableNoise(draw, torch.get_rng_state()) if _takes_fast_path(flat) else None
+    mask = draw(torch.empty_like(flat), None)
     # torch types Function.apply as untyped; _DropWithMoments.forward fixes what it returns.
-    dropped, mean, var = _DropWithMoments.apply(flat, mask)  # type: ignore[no-untyped-call, unused-ignore]
+    dropped, mean, var = _DropWithMoments.apply(flat, mask, reusable)  # type: ignore[no-untyped-call, unused-ignore]
     # F.batch_norm standardizes z with its realized batch moments and applies the affine
     # weight = sqrt(v_x + ε), bias = μ_x in one fused kernel. Standardizing is invariant to
     # the 1/q of inverted dropout, so z is left unscaled and ε is scaled by q² instead:

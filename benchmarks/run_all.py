@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["discover", "main", "run_benchmark"]
+__all__ = ["discover", "load_benchmark", "main", "run_benchmark"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,7 +50,8 @@ def discover(only: list[str] | None = None) -> list[Path]:
     return [path for path in files if path.stem.removeprefix("bench_") in wanted]
 
 
-def _load(path: Path) -> ModuleType:
+def load_benchmark(path: Path) -> ModuleType:
+    """The benchmark file ``path`` as a module (registered in ``sys.modules`` under its stem)."""
     # The benchmark files import their neighbour `timing` by plain name.
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
@@ -72,7 +73,7 @@ def run_benchmark(path: Path, quick: bool) -> tuple[str, bool]:
     """``(report, ok)`` for one benchmark file; a failure becomes a report with its traceback."""
     start = time.perf_counter()
     try:
-        report = _load(path).main(quick)
+        report = load_benchmark(path).main(quick)
         if not isinstance(report, str):
             raise TypeError(f"{path.name}: main(quick) must return str, got {type(report)}")
     except Exception:

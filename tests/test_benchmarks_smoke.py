@@ -19,14 +19,11 @@ ROW = re.compile(r"^(?P<case>.+?)\s+(?P<ms>\d+\.\d+)\s+(?P<ratio>\d+\.\d+)(\s|$)
 
 
 def _load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The benchmark file, loaded as run_all loads it; forgotten again after the test."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the benchmarks import `timing` by name
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # as run_all does: dataclasses look there
-    spec.loader.exec_module(module)
-    return module
+    run_all = importlib.import_module("run_all")
+    monkeypatch.setitem(sys.modules, name, None)  # restored (absent) after the test
+    return run_all.load_benchmark(BENCHMARKS / f"{name}.py")
 
 
 def _tables(report: str) -> dict[str, list[tuple[str, float, float]]]:

@@ -55,6 +55,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "TrialConfig",
+    "adapted_input_shape",
     "canonical_hash",
     "did_you_mean",
     "flatten_keys",
@@ -546,6 +547,23 @@ def _unchecked(cls: type[T], values: Mapping[str, Any]) -> T:
     for name, value in values.items():
         object.__setattr__(draft, name, value)
     return draft
+
+
+def adapted_input_shape(data: DataConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A sample's shape once ``data.image_size`` and ``data.channels`` have adapted it (as
+    :meth:`~varshift.data.SplitDataset.as_images` does to the tensors), for samples of ``shape``
+    in ``data.dataset``; :class:`ConfigError` naming the key when the dataset cannot be adapted."""
+    size, channels = data.image_size, data.channels
+    if size is None and channels is None:
+        return shape
+    if len(shape) != 3:
+        raise ConfigError([f"data.image_size: {data.dataset!r} has samples of shape {shape}, "
+                           "not images (C, H, W)"])
+    if channels is not None and shape[0] not in (1, channels):
+        raise ConfigError([f"data.channels: only a one-channel image can be repeated, "
+                           f"{data.dataset!r} has {shape[0]}"])
+    height, width = shape[1:] if size is None else (size, size)
+    return (shape[0] if channels is None else channels, height, width)
 
 
 def _block_count(model: ModelConfig) -> int:

@@ -35,6 +35,7 @@ from varshift.lab.config import (
     MAX_SEED,
     ConfigError,
     TrialConfig,
+    adapted_input_shape,
     canonical_hash,
     did_you_mean,
     flatten_keys,
@@ -510,20 +511,5 @@ def _check_model(config: TrialConfig) -> None:
     shape, outputs, task = known
     resolve_task(config, task, config.data.dataset)
     with torch.device("meta"):
-        build_model(config, _adapted_shape(shape, config), outputs)
+        build_model(config, adapted_input_shape(config.data, shape), outputs)
 
-
-def _adapted_shape(shape: tuple[int, ...], config: TrialConfig) -> tuple[int, ...]:
-    """A sample's shape after ``data.image_size`` and ``data.channels`` (as the trial's
-    :meth:`~varshift.data.SplitDataset.as_images` makes it)."""
-    size, channels = config.data.image_size, config.data.channels
-    if size is None and channels is None:
-        return shape
-    if len(shape) != 3:
-        raise ConfigError([f"data.image_size: {config.data.dataset!r} has samples of shape "
-                           f"{shape}, not images (C, H, W)"])
-    if channels is not None and shape[0] not in (1, channels):
-        raise ConfigError([f"data.channels: only a one-channel image can be repeated, "
-                           f"{config.data.dataset!r} has {shape[0]}"])
-    height, width = shape[1:] if size is None else (size, size)
-    return (shape[0] if channels is None else channels, height, width)

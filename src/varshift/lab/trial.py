@@ -37,7 +37,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from varshift.data import SplitDataset, load_dataset
 from varshift.diagnose import lint, measure
 from varshift.fix import recalibrate_bn
-from varshift.lab.config import ConfigError, TrialConfig, per_block, resolve_task
+from varshift.lab.config import (
+    ConfigError,
+    DataConfig,
+    TrialConfig,
+    adapted_input_shape,
+    per_block,
+    resolve_task,
+)
 from varshift.lab.models import SparseAutoencoder, build_model
 from varshift.lab.results import EpochRecord, LayerShiftRecord, TrialResult, one_line_reason
 from varshift.layers import DropBlock2d, DropBlockScheduler
@@ -59,19 +66,12 @@ class _Tensors:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_data(dataset: str, data_dir: str | None, seed: int, train_size: int | None,
-                 test_size: int | None, image_size: int | None = None,
-                 channels: int | None = None) -> SplitDataset:
-    data = _cached_subset(dataset, data_dir, seed, train_size, test_size)
-    if image_size is None and channels is None:
+def _cached_data(spec: DataConfig, data_dir: str | None) -> SplitDataset:
+    data = _cached_subset(spec.dataset, data_dir, spec.seed, spec.train_size, spec.test_size)
+    if spec.image_size is None and spec.channels is None:
         return data
-    if len(data.input_shape) != 3:
-        raise ConfigError([f"data.image_size: {dataset!r} has samples of shape "
-                           f"{data.input_shape}, not images (C, H, W)"])
-    try:
-        return data.as_images(image_size, channels)
-    except ValueError as exc:
-        raise ConfigError([f"data.channels: {exc}"]) from exc
+    adapted_input_shape(spec, data.input_shape)  # the study's check, naming the key
+    return data.as_images(spec.image_size, spec.channels)
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,8 +92,7 @@ def _cached_subset(dataset: str, data_dir: str | None, seed: int, train_size: in
 def load_trial_data(config: TrialConfig, data_dir: str | Path | None = None) -> SplitDataset:
     """The (subset of the) dataset ``config`` trains on, loaded once per process."""
     spec = config.data
-    return _cached_data(spec.dataset, None if data_dir is None else str(data_dir), spec.seed,
-                        spec.train_size, spec.test_size, spec.image_size, spec.channels)
+    return _cached_data(spec, None if data_dir is None else str(data_dir))
 
 
 def clear_data_cache() -> None:
